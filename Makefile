@@ -1,0 +1,46 @@
+# fusionserve: `make serve` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= train,video,dev
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+.PHONY: install test lint fmt typecheck pytest serve bundled clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(STAMP)
+
+test: install lint typecheck pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: install
+	$(BIN)/mypy
+
+pytest: install
+	$(BIN)/python -m pytest -q
+
+# Retrain the bundled checkpoints (about 12 minutes each on 2 CPU cores); see README.
+bundled: install
+	$(BIN)/python -m training synth --out build/moving-digits --seed 0
+	for m in lstm attention mean; do \
+		$(BIN)/python -m training fit --data build/moving-digits --model $$m \
+			--out build/moving-digits-$$m.safetensors --epochs 15 --no-progress || exit 1; \
+	done
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""fusionserve's HTTP service (see the inference service issue); empty until it lands."""

@@ -1,0 +1,88 @@
+"""The fused classifier: a frame encoder (CNN) followed by a temporal head.
+
+Ragged batching: clips of different lengths travel as all their frames concatenated,
+``frames: (N, C, H, W)`` with ``lengths: (B,)`` summing to N. The encoder runs on
+those N real frames only; the head gets features padded to (B, T_max, D) with the
+lengths, so a clip's logits do not depend on the other clips in its batch.
+
+Frames are uint8 (0..255) or float (0..1); normalisation by the config's mean and std
+happens inside the model, on whatever device it runs on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+
+from models.config import ModelConfig
+from models.heads import State, TemporalHead
+from models.registry import ENCODERS, HEADS
+
+
+class FusedClassifier(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = ENCODERS.builder(config.encoder.name)(config.encoder, in_channels=config.in_channels)
+        head = HEADS.builder(config.head.name)(
+            config.head, in_features=self.encoder.out_features, num_classes=config.num_classes
+        )
+        assert isinstance(head, TemporalHead), f"head {config.head.name!r} must be a TemporalHead"
+        self.head = head
+        # Not saved: they come from the config, which the checkpoint holds.
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, -1, 1, 1), persistent=False)
+
+    @property
+    def causal(self) -> bool:
+        return self.head.causal
+
+    def normalize(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames: (N, C, H, W) uint8 0..255 or float 0..1 -> normalised float (N, C, H, W)."""
+        assert frames.dim() == 4 and frames.shape[1] == self.config.in_channels, (
+            f"expected frames (N, {self.config.in_channels}, H, W), got {tuple(frames.shape)}"
+        )
+        x = frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (x - self.mean) / self.std
+
+    def forward_features(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames: (N, C, H, W) -> per-frame features (N, D)."""
+        return self.encoder(self.normalize(frames))
+
+    def forward_head(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """feats: (N, D) of all clips' frames in order, lengths: (B,) -> logits (B, K)."""
+        assert int(lengths.sum()) == feats.shape[0], (
+            f"lengths sum to {int(lengths.sum())} but there are {feats.shape[0]} frames"
+        )
+        assert bool((lengths > 0).all()), "every clip needs at least one frame"
+        padded = pad_sequence(list(feats.split(lengths.tolist())), batch_first=True)  # (B, T, D)
+        return self.head(padded, lengths.to(feats.device))
+
+    def forward(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """frames: (N, C, H, W) concatenated clips, lengths: (B,) -> logits (B, K)."""
+        return self.forward_head(self.forward_features(frames), lengths)
+
+    def forward_clips(self, clips: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """clips: (B, T, C, H, W) padded, lengths: (B,) or None (all T) -> logits (B, K)."""
+        B, T = clips.shape[:2]
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.long)
+        lengths = lengths.cpu()
+        valid = torch.arange(T)[None, :] < lengths[:, None]  # (B, T)
+        frames = clips[valid.to(clips.device)]  # (N, C, H, W), only real frames
+        return self(frames, lengths)
+
+    def init_state(self, batch: int) -> State:
+        """Streaming state for ``batch`` clips stepped in lockstep (causal heads only)."""
+        return self.head.init_state(batch, device=self.mean.device)
+
+    def step(self, frames: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """frames: (B, C, H, W), one new frame per clip -> (logits (B, K), new state)."""
+        return self.head.step(self.forward_features(frames), state)
+
+
+def build_model(config: ModelConfig) -> FusedClassifier:
+    return FusedClassifier(config)

@@ -1,0 +1,96 @@
+"""Frame encoders: CNNs that map frames (N, C, H, W) to features (N, D).
+
+Both end in global average pooling, so any input size works and ``out_features``
+(D) comes from the config's last width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.config import ResNetConfig, SmallCNNConfig
+from models.registry import ENCODERS
+
+
+def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class SmallCNN(nn.Module):
+    """The seed design: per width one conv3x3 + BN + ReLU block and a 2x2 max-pool."""
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...]) -> None:
+        super().__init__()
+        assert widths, "SmallCNN needs at least one width"
+        blocks: list[nn.Module] = []
+        c_in = in_channels
+        for width in widths:
+            blocks += [conv_bn_relu(c_in, width), nn.MaxPool2d(2)]
+            c_in = width
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_features = widths[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W) float -> (N, D)."""
+        return self.pool(self.features(x)).flatten(1)  # (N, D)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with an identity (or 1x1 projection) shortcut, as in ResNet-18."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = conv_bn_relu(c_in, c_out, stride)
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(c_out, c_out, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(c_out)
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(c_out),
+            )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+class ResNetEncoder(nn.Module):
+    """A stem conv, then one stage of ``blocks_per_stage`` basic blocks per width."""
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...], blocks_per_stage: int) -> None:
+        super().__init__()
+        assert widths and blocks_per_stage >= 1, "ResNetEncoder needs widths and >= 1 block per stage"
+        self.stem = conv_bn_relu(in_channels, widths[0])
+        stages: list[nn.Module] = []
+        c_in = widths[0]
+        for i, width in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            blocks = [BasicBlock(c_in if j == 0 else width, width, stride if j == 0 else 1)
+                      for j in range(blocks_per_stage)]
+            stages.append(nn.Sequential(*blocks))
+            c_in = width
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_features = widths[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W) float -> (N, D)."""
+        return self.pool(self.stages(self.stem(x))).flatten(1)  # (N, D)
+
+
+@ENCODERS.register("small_cnn", SmallCNNConfig)
+def build_small_cnn(cfg: SmallCNNConfig, *, in_channels: int) -> nn.Module:
+    return SmallCNN(in_channels, cfg.widths)
+
+
+@ENCODERS.register("resnet", ResNetConfig)
+def build_resnet(cfg: ResNetConfig, *, in_channels: int) -> nn.Module:
+    return ResNetEncoder(in_channels, cfg.widths, cfg.blocks_per_stage)

@@ -1,0 +1,1 @@
+"""fusionserve training: datasets, the moving-digits task, the training loop and its CLI."""
