@@ -53,8 +53,14 @@ class InputSpec:
     @classmethod
     def for_model(cls, config: ModelConfig, *, frames: int, min_frames: int, max_frames: int) -> InputSpec:
         return cls(
-            config.image_size, config.image_size, config.in_channels,
-            config.mean, config.std, frames, min_frames, max_frames,
+            config.image_size,
+            config.image_size,
+            config.in_channels,
+            config.mean,
+            config.std,
+            frames,
+            min_frames,
+            max_frames,
         )
 
 
@@ -113,6 +119,7 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
+    tmp.chmod(0o644)  # safetensors creates files 0600; a server running as another user must read them
     tmp.replace(path)
     return path
 
@@ -127,7 +134,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(path, f"not a readable safetensors file ({exc})") from exc
     if raw is None:
-        raise CheckpointError(path, f"a safetensors file but not a fusionserve checkpoint (no {METADATA_KEY!r} metadata)")
+        raise CheckpointError(
+            path, f"a safetensors file but not a fusionserve checkpoint (no {METADATA_KEY!r} metadata)"
+        )
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:

@@ -21,6 +21,9 @@ from models.registry import ENCODERS, HEADS
 
 
 class FusedClassifier(nn.Module):
+    mean: torch.Tensor  # (1, C, 1, 1) buffers, from the config
+    std: torch.Tensor
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

@@ -76,7 +76,6 @@ EncoderConfig = SmallCNNConfig | ResNetConfig
 HeadConfig = MeanHeadConfig | LSTMHeadConfig | AttentionHeadConfig
 
 
-
 @dataclass(frozen=True)
 class ModelConfig:
     """A whole fused classifier: frame encoder + temporal head + input normalisation."""

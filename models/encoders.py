@@ -47,13 +47,14 @@ class BasicBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
         self.conv1 = conv_bn_relu(c_in, c_out, stride)
-        self.conv2 = nn.Sequential(
-            nn.Conv2d(c_out, c_out, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(c_out)
-        )
+        self.conv2 = nn.Sequential(nn.Conv2d(c_out, c_out, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(c_out))
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
+            # ResNet-D shortcut: average-pool, then a 1x1 conv at stride 1. (A strided 1x1 conv
+            # also crashes torch 2.13's CPU backward on channels_last inputs.)
             self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, kernel_size=1, stride=stride, bias=False),
+                nn.AvgPool2d(stride) if stride != 1 else nn.Identity(),
+                nn.Conv2d(c_in, c_out, kernel_size=1, bias=False),
                 nn.BatchNorm2d(c_out),
             )
         self.relu = nn.ReLU(inplace=True)
@@ -73,8 +74,9 @@ class ResNetEncoder(nn.Module):
         c_in = widths[0]
         for i, width in enumerate(widths):
             stride = 1 if i == 0 else 2
-            blocks = [BasicBlock(c_in if j == 0 else width, width, stride if j == 0 else 1)
-                      for j in range(blocks_per_stage)]
+            blocks = [
+                BasicBlock(c_in if j == 0 else width, width, stride if j == 0 else 1) for j in range(blocks_per_stage)
+            ]
             stages.append(nn.Sequential(*blocks))
             c_in = width
         self.stages = nn.Sequential(*stages)

@@ -10,7 +10,7 @@ same logits as ``forward`` on the frames seen so far.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -145,9 +145,7 @@ class SelfAttention(nn.Module):
         k, v = self.kv(x).chunk(2, dim=-1)
         return self.split(k), self.split(v)
 
-    def attend(
-        self, x_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
-    ) -> torch.Tensor:
+    def attend(self, x_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """x_q: (B, Tq, D); k, v: (B, h, Tk, D/h); allowed: (B, 1, Tq, Tk) bool -> (B, Tq, D)."""
         B, Tq, D = x_q.shape
         q = self.split(self.q(x_q))
@@ -193,9 +191,7 @@ class AttentionHead(TemporalHead):
         self.cfg = cfg
         self.causal = cfg.causal
         self.proj = nn.Linear(in_features, cfg.dim) if in_features != cfg.dim else nn.Identity()
-        self.blocks = nn.ModuleList(
-            Block(cfg.dim, cfg.heads, cfg.ff_mult, cfg.dropout) for _ in range(cfg.layers)
-        )
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.ff_mult, cfg.dropout) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.dim)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.pooling == "cls" else None
         self.score = nn.Linear(cfg.dim, 1) if cfg.pooling == "attention" else None
@@ -265,7 +261,8 @@ class AttentionHead(TemporalHead):
         t = state["t"]
         x = self.embed(feat.unsqueeze(1), t)  # (B, 1, dim)
         caches = []
-        for block, cache in zip(self.blocks, state["kv"], strict=True):
+        blocks = cast(list[Block], list(self.blocks))
+        for block, cache in zip(blocks, state["kv"], strict=True):
             h = block.norm1(x)
             k, v = block.attn.project_kv(h)
             if cache is not None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from models import preset_names
+from models.system import tune_malloc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = sub.add_parser("synth", help="write the moving-digits dataset as folders of JPEG frames")
     synth.add_argument("--out", required=True, type=Path, help="output folder (train/ val/ test/ are created)")
-    synth.add_argument("--clips-per-label", type=int, default=400, help="train clips per label; val and test get a quarter each (default 400)")
+    synth.add_argument(
+        "--clips-per-label",
+        type=int,
+        default=400,
+        help="train clips per label; val and test get a quarter each (default 400)",
+    )
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.add_argument("--canvas", type=int, default=32, help="frame size in pixels (default 32)")
     synth.add_argument("--min-frames", type=int, default=8, help="shortest clip (default 8)")
@@ -56,8 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_synth(args: argparse.Namespace) -> int:
     from training.synth import SynthConfig, write_dataset
 
-    cfg = SynthConfig(canvas=args.canvas, min_frames=args.min_frames, max_frames=args.max_frames,
-                      clips_per_label=args.clips_per_label, seed=args.seed)
+    cfg = SynthConfig(
+        canvas=args.canvas,
+        min_frames=args.min_frames,
+        max_frames=args.max_frames,
+        clips_per_label=args.clips_per_label,
+        seed=args.seed,
+    )
     counts = write_dataset(args.out, cfg)
     print(json.dumps({"out": str(args.out), "clips": counts}))
     return 0
@@ -67,14 +78,37 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from training.config import load_config
     from training.fit import fit
 
-    overrides = {k: getattr(args, k) for k in ("model", "epochs", "batch_size", "lr", "frames", "image_size",
-                                               "patience", "seed", "device", "workers", "name")}
+    overrides = {
+        k: getattr(args, k)
+        for k in (
+            "model",
+            "epochs",
+            "batch_size",
+            "lr",
+            "frames",
+            "image_size",
+            "patience",
+            "seed",
+            "device",
+            "workers",
+            "name",
+        )
+    }
     cfg = load_config(args.config, overrides)
-    result = fit(args.data, args.out, cfg, resume=args.resume, log_path=args.log,
-                 progress=False if args.no_progress else None)
-    print(json.dumps({"checkpoint": str(result.checkpoint), "metrics": result.metrics,
-                      "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
-                      "wall_time_s": result.wall_time_s}))
+    result = fit(
+        args.data, args.out, cfg, resume=args.resume, log_path=args.log, progress=False if args.no_progress else None
+    )
+    print(
+        json.dumps(
+            {
+                "checkpoint": str(result.checkpoint),
+                "metrics": result.metrics,
+                "epochs_run": result.epochs_run,
+                "best_epoch": result.best_epoch,
+                "wall_time_s": result.wall_time_s,
+            }
+        )
+    )
     return 0
 
 
@@ -89,8 +123,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, device=device)
     spec = ckpt.input
-    ds = FrameFolderDataset(args.data, args.split, image_size=spec["height"], frames=spec["frames"],
-                            channels=spec["channels"], labels=ckpt.labels)
+    ds = FrameFolderDataset(
+        args.data,
+        args.split,
+        image_size=spec["height"],
+        frames=spec["frames"],
+        channels=spec["channels"],
+        labels=ckpt.labels,
+    )
     loader = DataLoader(ds, batch_size=args.batch_size, collate_fn=collate_ragged)
     report = {"checkpoint": str(args.checkpoint), "split": args.split, **evaluate(ckpt.model, loader, device)}
     if args.out:
@@ -102,8 +142,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    tune_malloc()
     commands = {"synth": cmd_synth, "fit": cmd_fit, "evaluate": cmd_evaluate}
     try:
         return commands[args.command](args)

@@ -42,9 +42,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
-            "frames": self.frames >= 1, "image_size": self.image_size >= 8, "patience": self.patience >= 1,
-            "warmup_epochs": self.warmup_epochs >= 0, "grad_clip": self.grad_clip > 0, "workers": self.workers >= 0,
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0,
+            "frames": self.frames >= 1,
+            "image_size": self.image_size >= 8,
+            "patience": self.patience >= 1,
+            "warmup_epochs": self.warmup_epochs >= 0,
+            "grad_clip": self.grad_clip > 0,
+            "workers": self.workers >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

@@ -113,8 +113,16 @@ class FrameFolderDataset(Dataset[tuple[torch.Tensor, int]]):
     """Clips of one split, decoded once into memory (the synthetic task is small)."""
 
     def __init__(
-        self, root: str | Path, split: str, *, image_size: int, frames: int, channels: int = 3,
-        train: bool = False, labels: list[str] | None = None, seed: int = 0,
+        self,
+        root: str | Path,
+        split: str,
+        *,
+        image_size: int,
+        frames: int,
+        channels: int = 3,
+        train: bool = False,
+        labels: list[str] | None = None,
+        seed: int = 0,
     ) -> None:
         self.root = Path(root)
         self.labels = labels or read_labels(self.root)
@@ -140,8 +148,11 @@ class FrameFolderDataset(Dataset[tuple[torch.Tensor, int]]):
     def describe(self) -> dict[str, object]:
         """Counts per class, plus the generator's ``dataset.json`` when the folder has one."""
         counts = np.bincount([c.label for c in self.clips], minlength=len(self.labels))
-        info: dict[str, object] = {"root": self.root.name, "clips": len(self.clips),
-                                   "per_class": dict(zip(self.labels, counts.tolist(), strict=True))}
+        info: dict[str, object] = {
+            "root": self.root.name,
+            "clips": len(self.clips),
+            "per_class": dict(zip(self.labels, counts.tolist(), strict=True)),
+        }
         card = self.root / "dataset.json"
         if card.is_file():
             info["source"] = json.loads(card.read_text())

@@ -34,8 +34,10 @@ def classification_metrics(logits: np.ndarray, targets: np.ndarray, num_classes:
     return {
         "loss": round(float(loss), 6),
         "accuracy": round(float((preds == targets).mean()), 6),
-        "macro_f1": round(float(f1_score(targets, preds, average="macro", labels=list(range(num_classes)), zero_division=0)), 6),
-        "clips": int(len(targets)),
+        "macro_f1": round(
+            float(f1_score(targets, preds, average="macro", labels=list(range(num_classes)), zero_division=0)), 6
+        ),
+        "clips": len(targets),
     }
 
 

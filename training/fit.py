@@ -57,14 +57,19 @@ def seed_everything(seed: int) -> None:
 
 
 def code_revision() -> str | None:
+    """The git commit of this code, with ``+dirty`` when it has uncommitted changes; None outside git."""
+
+    def git(*args: str) -> str:
+        here = Path(__file__).resolve().parent
+        proc = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=here, check=True)
+        return proc.stdout.strip()
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent, check=True,
-        )
+        rev = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ":/models", ":/training"))
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return f"{rev}+dirty" if dirty else rev
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -75,16 +80,30 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_loader(ds: FrameFolderDataset, cfg: TrainConfig, *, shuffle: bool, epoch: int, device: torch.device) -> DataLoader[Any]:
+def make_loader(
+    ds: FrameFolderDataset, cfg: TrainConfig, *, shuffle: bool, epoch: int, device: torch.device
+) -> DataLoader[Any]:
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     return DataLoader(
-        ds, batch_size=cfg.batch_size, shuffle=shuffle, generator=gen, collate_fn=collate_ragged,
-        num_workers=cfg.workers, pin_memory=device.type == "cuda",
+        ds,
+        batch_size=cfg.batch_size,
+        shuffle=shuffle,
+        generator=gen,
+        collate_fn=collate_ragged,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
     )
 
 
-def fit(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: str | Path | None = None,
-        log_path: str | Path | None = None, progress: bool | None = None) -> FitResult:
+def fit(
+    data: str | Path,
+    out: str | Path,
+    cfg: TrainConfig,
+    *,
+    resume: str | Path | None = None,
+    log_path: str | Path | None = None,
+    progress: bool | None = None,
+) -> FitResult:
     """Train on ``data`` (train/val/test folders) and write the best model to ``out``."""
     started = time.perf_counter()
     out = Path(out)
@@ -112,27 +131,53 @@ def fit(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: str | Pa
     elif log_path.exists():
         log_path.unlink()
 
-    spec = InputSpec.for_model(model.config, frames=cfg.frames, min_frames=train_ds.min_frames, max_frames=train_ds.max_frames)
+    spec = InputSpec.for_model(
+        model.config, frames=cfg.frames, min_frames=train_ds.min_frames, max_frames=train_ds.max_frames
+    )
     training_meta = {
-        "config": cfg.to_dict(), "seed": cfg.seed, "device": str(device),
-        "dataset": {"train": train_ds.describe(), "val": val_ds.describe()}, "code_revision": code_revision(),
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "device": str(device),
+        "dataset": {"train": train_ds.describe(), "val": val_ds.describe()},
+        "code_revision": code_revision(),
     }
     name = cfg.name or out.stem
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     epochs_done = start_epoch
     for epoch in range(start_epoch, cfg.epochs):
-        train_stats = train_one_epoch(model, make_loader(train_ds, cfg, shuffle=True, epoch=epoch, device=device),
-                                      optimizer, scheduler, cfg, device, autocast, epoch, progress)
+        train_stats = train_one_epoch(
+            model,
+            make_loader(train_ds, cfg, shuffle=True, epoch=epoch, device=device),
+            optimizer,
+            scheduler,
+            cfg,
+            device,
+            autocast,
+            epoch,
+            progress,
+        )
         val = evaluate(model, make_loader(val_ds, cfg, shuffle=False, epoch=0, device=device), device)
-        record = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], **{f"train_{k}": v for k, v in train_stats.items()},
-                  **{f"val_{k}": v for k, v in val.items()}}
+        record = {
+            "epoch": epoch + 1,
+            "lr": scheduler.get_last_lr()[0],
+            **{f"train_{k}": v for k, v in train_stats.items()},
+            **{f"val_{k}": v for k, v in val.items()},
+        }
         with log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         log.info("epoch %d: %s", epoch + 1, record)
         if val["accuracy"] > best["accuracy"]:
             best = {"epoch": epoch + 1, "accuracy": val["accuracy"], "stale": 0}
-            save_checkpoint(out, model, name=name, version=cfg.version, labels=labels, input_spec=spec,
-                            metrics={"val": val}, training=training_meta)
+            save_checkpoint(
+                out,
+                model,
+                name=name,
+                version=cfg.version,
+                labels=labels,
+                input_spec=spec,
+                metrics={"val": val},
+                training=training_meta,
+            )
         else:
             best["stale"] += 1
         save_train_state(state_path, model, optimizer, scheduler, epoch + 1, best)
@@ -144,12 +189,22 @@ def fit(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: str | Pa
     return finish(data, out, cfg, device, labels, log_path, epochs_done - start_epoch, best, started)
 
 
-def train_one_epoch(model: FusedClassifier, loader: DataLoader[Any], optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig, device: torch.device,
-                    autocast: torch.autocast, epoch: int, progress: bool | None) -> dict[str, float]:
+def train_one_epoch(
+    model: FusedClassifier,
+    loader: DataLoader[Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: TrainConfig,
+    device: torch.device,
+    autocast: torch.autocast,
+    epoch: int,
+    progress: bool | None,
+) -> dict[str, float]:
     model.train()
     seen, correct, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if progress is None else not progress, leave=False)
+    bar = tqdm(
+        loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if progress is None else not progress, leave=False
+    )
     for frames, lengths, labels in bar:
         frames, labels = frames.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast:
@@ -164,14 +219,30 @@ def train_one_epoch(model: FusedClassifier, loader: DataLoader[Any], optimizer: 
         seen += n
         loss_sum += loss.item() * n
         correct += int((logits.argmax(1) == labels).sum())
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                        clips_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        bar.set_postfix(
+            loss=f"{loss_sum / seen:.3f}",
+            acc=f"{correct / seen:.3f}",
+            clips_s=f"{seen / (time.perf_counter() - t0):.0f}",
+        )
     elapsed = time.perf_counter() - t0
-    return {"loss": round(loss_sum / seen, 6), "accuracy": round(correct / seen, 6), "clips_per_s": round(seen / elapsed, 1)}
+    return {
+        "loss": round(loss_sum / seen, 6),
+        "accuracy": round(correct / seen, 6),
+        "clips_per_s": round(seen / elapsed, 1),
+    }
 
 
-def finish(data: str | Path, out: Path, cfg: TrainConfig, device: torch.device, labels: list[str], log_path: Path,
-           epochs_run: int, best: dict[str, Any], started: float) -> FitResult:
+def finish(
+    data: str | Path,
+    out: Path,
+    cfg: TrainConfig,
+    device: torch.device,
+    labels: list[str],
+    log_path: Path,
+    epochs_run: int,
+    best: dict[str, Any],
+    started: float,
+) -> FitResult:
     """Reload the best weights, measure them on the test split, and store that in the checkpoint."""
     ckpt = load_checkpoint(out, device=device)
     test_ds = FrameFolderDataset(data, "test", image_size=cfg.image_size, frames=cfg.frames, labels=labels)
@@ -179,19 +250,36 @@ def finish(data: str | Path, out: Path, cfg: TrainConfig, device: torch.device, 
     test.update(split="test", dataset=dataset_name(Path(data)))
     wall = round(time.perf_counter() - started, 1)
     meta = ckpt.metadata
-    meta["training"].update(best_epoch=best["epoch"], epochs_run=epochs_run, wall_time_s=wall,
-                            profile=profile_model(ckpt.model, cfg.frames).to_dict())
+    meta["training"].update(
+        best_epoch=best["epoch"],
+        epochs_run=epochs_run,
+        wall_time_s=wall,
+        profile=profile_model(ckpt.model, cfg.frames).to_dict(),
+    )
     meta["training"]["dataset"]["test"] = test_ds.describe()
     metrics = {"test": test, **meta["metrics"]}
-    save_checkpoint(out, ckpt.model, name=meta["name"], version=meta["version"], labels=labels,
-                    input_spec=InputSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["input"].items()}),
-                    metrics=metrics, training=meta["training"])
+    save_checkpoint(
+        out,
+        ckpt.model,
+        name=meta["name"],
+        version=meta["version"],
+        labels=labels,
+        input_spec=InputSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["input"].items()}),
+        metrics=metrics,
+        training=meta["training"],
+    )
     log.info("test: %s", test)
     return FitResult(out, log_path, metrics, epochs_run, best["epoch"], wall)
 
 
-def save_train_state(path: Path, model: FusedClassifier, optimizer: torch.optim.Optimizer,
-                     scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, best: dict[str, Any]) -> None:
+def save_train_state(
+    path: Path,
+    model: FusedClassifier,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    best: dict[str, Any],
+) -> None:
     """Everything needed to resume, as safetensors (tensors) + JSON (the rest); no pickle."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
@@ -205,8 +293,12 @@ def save_train_state(path: Path, model: FusedClassifier, optimizer: torch.optim.
     tmp.replace(path)
 
 
-def load_train_state(path: Path, model: FusedClassifier, optimizer: torch.optim.Optimizer,
-                     scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, dict[str, Any]]:
+def load_train_state(
+    path: Path,
+    model: FusedClassifier,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[int, dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no training state to resume from")
     with safe_open(str(path), framework="pt") as f:
@@ -215,7 +307,7 @@ def load_train_state(path: Path, model: FusedClassifier, optimizer: torch.optim.
             raise ValueError(f"{path}: not a fusionserve training state file")
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     meta = json.loads(raw)
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):

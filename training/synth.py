@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,14 +45,19 @@ class SynthConfig:
         return self.clips_per_label if split == "train" else max(1, self.clips_per_label // 4)
 
 
+def digit_split_indices(seed: int, count: int) -> dict[str, np.ndarray]:
+    """Disjoint 60/20/20 index sets into ``count`` digit images."""
+    order = np.random.default_rng(seed).permutation(count)
+    a, b = int(0.6 * count), int(0.8 * count)
+    return {"train": order[:a], "val": order[a:b], "test": order[b:]}
+
+
 def load_digit_splits(seed: int) -> dict[str, np.ndarray]:
-    """sklearn's 1797 handwritten digits (8x8, 0..1), split 60/20/20 into disjoint sets."""
+    """sklearn's 1797 handwritten digits (8x8, 0..1), split into disjoint train/val/test sets."""
     from sklearn.datasets import load_digits
 
     images = load_digits().images.astype(np.float32) / 16.0  # (1797, 8, 8)
-    order = np.random.default_rng(seed).permutation(len(images))
-    a, b = int(0.6 * len(images)), int(0.8 * len(images))
-    return {"train": images[order[:a]], "val": images[order[a:b]], "test": images[order[b:]]}
+    return {split: images[idx] for split, idx in digit_split_indices(seed, len(images)).items()}
 
 
 def _paste(canvas: np.ndarray, digit: np.ndarray, cx: float, cy: float, size: float) -> None:
@@ -111,7 +117,7 @@ def render_clip(label: str, digit: np.ndarray, cfg: SynthConfig, rng: np.random.
     return np.repeat(gray[..., None], 3, axis=-1)  # (T, S, S, 3)
 
 
-def generate_split(split: str, cfg: SynthConfig, digits: np.ndarray):  # type: ignore[no-untyped-def]
+def generate_split(split: str, cfg: SynthConfig, digits: np.ndarray) -> Iterator[tuple[str, int, np.ndarray]]:
     """Yield (label, clip index, frames uint8 (T, S, S, 3)) for one split, deterministically."""
     split_seed = cfg.seed * 1000 + SPLITS.index(split)
     for li, label in enumerate(LABELS):
@@ -121,12 +127,16 @@ def generate_split(split: str, cfg: SynthConfig, digits: np.ndarray):  # type: i
             yield label, ci, render_clip(label, digit, cfg, rng)
 
 
-def write_dataset(out: str | Path, cfg: SynthConfig) -> dict[str, int]:
-    """Write ``out/{train,val,test}/<label>/<clip>/<frame>.jpg``; returns clips per split."""
+def write_dataset(out: str | Path, cfg: SynthConfig, splits: tuple[str, ...] = SPLITS) -> dict[str, int]:
+    """Write ``out/{train,val,test}/<label>/<clip>/<frame>.jpg``; returns clips per split.
+
+    A split's clips depend only on the config and the split, so writing one split
+    alone gives the same files as writing all three.
+    """
     out = Path(out)
     digit_splits = load_digit_splits(cfg.seed)
     counts = {}
-    for split in SPLITS:
+    for split in splits:
         n = 0
         for label, ci, frames in generate_split(split, cfg, digit_splits[split]):
             clip_dir = out / split / label / f"clip_{ci:05d}"
@@ -137,6 +147,11 @@ def write_dataset(out: str | Path, cfg: SynthConfig) -> dict[str, int]:
         counts[split] = n
         log.info("wrote %d %s clips", n, split)
     (out / "classes.txt").write_text("\n".join(LABELS) + "\n")
-    info = {"name": "moving-digits", "generator": "python -m training synth", "config": dataclasses.asdict(cfg), "clips": counts}
+    info = {
+        "name": "moving-digits",
+        "generator": "python -m training synth",
+        "config": dataclasses.asdict(cfg),
+        "clips": counts,
+    }
     (out / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
     return counts

@@ -1,0 +1,193 @@
+"""Every registered encoder/head combination: shapes, gradients, ragged batching, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import (
+    ENCODERS,
+    HEADS,
+    AttentionHeadConfig,
+    LSTMHeadConfig,
+    MeanHeadConfig,
+    ModelConfig,
+    ResNetConfig,
+    SmallCNNConfig,
+    build_model,
+    preset_config,
+    preset_names,
+)
+from models.registry import Registry
+
+SMALL = SmallCNNConfig(widths=(8, 16))
+CONFIGS = {
+    "mean": ModelConfig(5, SMALL, MeanHeadConfig(), image_size=16),
+    "lstm": ModelConfig(5, SMALL, LSTMHeadConfig(hidden=12), image_size=16),
+    "lstm-bi-2layer": ModelConfig(5, SMALL, LSTMHeadConfig(hidden=12, layers=2, bidirectional=True), image_size=16),
+    "attention": ModelConfig(5, SMALL, AttentionHeadConfig(dim=16, heads=2, dropout=0.0), image_size=16),
+    "attention-cls": ModelConfig(5, SMALL, AttentionHeadConfig(dim=16, heads=2, pooling="cls"), image_size=16),
+    "attention-causal-window": ModelConfig(
+        5, SMALL, AttentionHeadConfig(dim=16, heads=2, causal=True, window=3), image_size=16
+    ),
+    "attention-causal-mean": ModelConfig(
+        5, SMALL, AttentionHeadConfig(dim=16, heads=2, causal=True, pooling="mean"), image_size=16
+    ),
+    "resnet-lstm": ModelConfig(
+        5, ResNetConfig(widths=(8, 16), blocks_per_stage=1), LSTMHeadConfig(hidden=8), image_size=16
+    ),
+    "resnet-attention-1ch": ModelConfig(
+        5,
+        ResNetConfig(widths=(8, 16), blocks_per_stage=2),
+        AttentionHeadConfig(dim=16, heads=4),
+        in_channels=1,
+        mean=(0.5,),
+        std=(0.5,),
+        image_size=16,
+    ),
+}
+CAUSAL = ["mean", "lstm", "attention-causal-window", "attention-causal-mean"]
+
+
+def clip_batch(cfg: ModelConfig, lengths: list[int], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    shape = (sum(lengths), cfg.in_channels, cfg.image_size, cfg.image_size)
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, shape, dtype=torch.uint8)
+    return torch.rand(shape)
+
+
+def test_every_registered_encoder_and_head_is_covered() -> None:
+    assert {c.encoder.name for c in CONFIGS.values()} == set(ENCODERS.names())
+    assert {c.head.name for c in CONFIGS.values()} == set(HEADS.names())
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_forward_shapes_finite_and_gradients_reach_input(name: str) -> None:
+    cfg = CONFIGS[name]
+    model = build_model(cfg).train()
+    lengths = [3, 1, 5]
+    frames = clip_batch(cfg, lengths, torch.float32).requires_grad_(True)
+    logits = model(frames, torch.tensor(lengths))
+    assert logits.shape == (3, cfg.num_classes)
+    assert torch.isfinite(logits).all()
+    logits.sum().backward()
+    assert frames.grad is not None
+    # Every clip's frames receive gradient: no clip was dropped or replaced by padding.
+    for grad in frames.grad.split(lengths):
+        assert grad.abs().sum() > 0
+    for pname, p in model.named_parameters():
+        if p.requires_grad and "cls" not in pname:
+            assert p.grad is not None, f"no gradient for {pname}"
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_clip_logits_do_not_change_with_longer_batchmates(name: str) -> None:
+    cfg = CONFIGS[name]
+    model = build_model(cfg).eval()
+    lengths = [2, 7, 4, 9]
+    frames = clip_batch(cfg, lengths)
+    with torch.no_grad():
+        batched = model(frames, torch.tensor(lengths))
+        alone = torch.cat([model(f, torch.tensor([len(f)])) for f in frames.split(lengths)])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_padded_clips_match_ragged_frames(name: str) -> None:
+    cfg = CONFIGS[name]
+    model = build_model(cfg).eval()
+    lengths = torch.tensor([3, 5])
+    clips = torch.randint(0, 256, (2, 5, cfg.in_channels, cfg.image_size, cfg.image_size), dtype=torch.uint8)
+    clips[0, 3:] = 255  # padding content must not matter
+    with torch.no_grad():
+        padded = model.forward_clips(clips, lengths)
+        ragged = model(torch.cat([clips[0, :3], clips[1]]), lengths)
+    torch.testing.assert_close(padded, ragged, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_streaming_step_by_step_equals_whole_clip(name: str) -> None:
+    cfg = CONFIGS[name]
+    model = build_model(cfg).eval()
+    assert model.causal
+    T = 6
+    frames = clip_batch(cfg, [T, T])  # two clips stepped in lockstep
+    clips = frames.view(2, T, *frames.shape[1:])
+    state = model.init_state(2)
+    with torch.no_grad():
+        for t in range(T):
+            stepped, state = model.step(clips[:, t], state)
+            whole = model.forward_clips(clips[:, : t + 1])
+            torch.testing.assert_close(stepped, whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lstm-bi-2layer", "attention", "attention-cls"])
+def test_non_causal_heads_refuse_to_stream(name: str) -> None:
+    model = build_model(CONFIGS[name]).eval()
+    assert not model.causal
+    with pytest.raises(NotImplementedError, match="not causal"):
+        model.init_state(1)
+
+
+def test_attention_without_position_encoding_is_order_blind() -> None:
+    cfg = ModelConfig(4, SMALL, AttentionHeadConfig(dim=16, heads=2, position="none", dropout=0.0), image_size=16)
+    model = build_model(cfg).eval()
+    frames = clip_batch(cfg, [6])
+    perm = torch.tensor([5, 2, 0, 4, 1, 3])
+    with torch.no_grad():
+        a, b = model(frames, torch.tensor([6])), model(frames[perm], torch.tensor([6]))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_attention_with_position_encoding_sees_order() -> None:
+    model = build_model(CONFIGS["attention"]).eval()
+    frames = clip_batch(CONFIGS["attention"], [6])
+    with torch.no_grad():
+        a, b = model(frames, torch.tensor([6])), model(frames.flip(0), torch.tensor([6]))
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_uint8_and_float_frames_give_the_same_logits() -> None:
+    model = build_model(CONFIGS["lstm"]).eval()
+    frames = clip_batch(CONFIGS["lstm"], [4])
+    with torch.no_grad():
+        torch.testing.assert_close(model(frames, torch.tensor([4])), model(frames.float() / 255, torch.tensor([4])))
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_presets_build_the_seed_cnn_with_their_head(preset: str) -> None:
+    cfg = preset_config(preset, num_classes=8, image_size=32)
+    assert cfg.encoder == SmallCNNConfig(widths=(32, 64, 128))
+    assert cfg.head.name == preset
+    model = build_model(cfg)
+    assert model.encoder.out_features == 128
+
+
+def test_config_round_trips_through_dict() -> None:
+    for cfg in CONFIGS.values():
+        assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_config_rejects_unknown_names_and_keys() -> None:
+    with pytest.raises(ValueError, match="unknown head 'gru'"):
+        ModelConfig.from_dict({"num_classes": 3, "head": {"name": "gru"}})
+    with pytest.raises(ValueError, match="unknown head config keys"):
+        ModelConfig.from_dict({"num_classes": 3, "head": {"name": "lstm", "hiden": 3}})
+    with pytest.raises(ValueError, match="one value per channel"):
+        ModelConfig(3, in_channels=1)
+
+
+def test_invalid_attention_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="CLS"):
+        build_model(ModelConfig(3, SMALL, AttentionHeadConfig(dim=16, causal=True, pooling="cls")))
+    with pytest.raises(ValueError, match="window needs causal"):
+        build_model(ModelConfig(3, SMALL, AttentionHeadConfig(dim=16, window=4)))
+
+
+def test_registry_refuses_a_duplicate_name() -> None:
+    reg: Registry = Registry("thing")
+    reg.register("a", MeanHeadConfig)(lambda cfg: torch.nn.Identity())
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("a", MeanHeadConfig)(lambda cfg: torch.nn.Identity())
+    with pytest.raises(KeyError, match="unknown thing 'b'"):
+        reg.builder("b")
