@@ -34,6 +34,10 @@ typecheck: install
 pytest: install
 	$(BIN)/python -m pytest -q
 
+# Serve the bundled default model on 127.0.0.1:8000 (FUSIONSERVE_* variables and ARGS= flags apply).
+serve: install
+	$(BIN)/python -m app $(ARGS)
+
 # Retrain the bundled checkpoints (about 12 minutes each on 2 CPU cores); see README.
 bundled: install
 	$(BIN)/python -m training synth --out build/moving-digits --seed 0

@@ -1,1 +1,3 @@
-"""fusionserve's HTTP service (see the inference service issue); empty until it lands."""
+"""fusionserve's HTTP service: ``create_app(settings)`` builds it, ``python -m app`` runs it."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,82 @@
+"""``python -m app``: serve checkpoints over HTTP.
+
+Every flag mirrors a ``FUSIONSERVE_*`` variable (``--max-batch-size`` and
+``FUSIONSERVE_MAX_BATCH_SIZE``); a flag wins over the variable. On SIGTERM or
+SIGINT readiness turns false at once, new work gets 503 for ``--drain-s`` seconds,
+then the listener closes, every accepted request is answered, and the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from pydantic import ValidationError
+
+from app.main import create_app
+from app.settings import Settings
+
+log = logging.getLogger("app")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m app", description="Serve fusionserve checkpoints over HTTP.")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description or ''} (env FUSIONSERVE_{name.upper()})".strip()
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=help_text)
+    return parser
+
+
+class DrainingServer(uvicorn.Server):
+    """On a stop signal: mark the service draining (ready -> 503), wait ``drain_s``, then stop as uvicorn does."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_s: float) -> None:
+        super().__init__(config)
+        self.app, self.drain_s = app, drain_s
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        service = getattr(self.app.state, "service", None)
+        if service is not None and not service.draining:
+            service.draining = True
+            log.info("signal %s: draining for %.1f s, then closing", sig, self.drain_s)
+            if self.drain_s > 0:
+                asyncio.get_running_loop().call_later(self.drain_s, super().handle_exit, sig, frame)
+                return
+        super().handle_exit(sig, frame)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        print(f"error: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        access_log=False,
+    )
+    server = DrainingServer(config, app, settings.drain_s)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

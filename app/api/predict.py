@@ -1,0 +1,221 @@
+"""``POST /predict``, ``POST /models/{name}/predict``, ``GET /models``, ``GET /models/{name}``."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from typing import Annotated, Any
+
+import torch
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from starlette.datastructures import UploadFile
+
+from app.api.common import ClientGone, run_clips
+from app.deps import ServiceDep, require_api_key
+from app.errors import bad_input, unsupported, wrong_shape
+from app.preprocess import decode_base64_images, decode_images, decode_video
+from app.schemas import ErrorBody, ModelInfo, ModelList, Prediction, Timing, TopK
+from app.state import ServedModel, Service
+
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["predict"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        400: "undecodable input",
+        401: "missing or wrong API key",
+        404: "unknown model",
+        413: "too large",
+        415: "unsupported media type",
+        422: "wrong shape or frame count",
+        503: "overloaded or not ready",
+        504: "timed out in the queue",
+    }.items()
+}
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "frames": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one part per frame, in order (JPEG, PNG, WebP, BMP)",
+                        },
+                        "video": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "or one video (MP4, WebM, AVI, MKV, ...)",
+                        },
+                    },
+                },
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "frames": {"type": "array", "items": {"type": "string", "format": "byte"}},
+                        "video": {"type": "string", "format": "byte"},
+                    },
+                },
+                "example": {"frames": ["/9j/4AAQSkZJRgABAQ...", "/9j/4AAQSkZJRgABAQ..."]},
+            },
+        },
+    }
+}
+
+TopKQuery = Annotated[int, Query(ge=1, le=1000, description="how many labels to list in top_k")]
+FramesQuery = Annotated[int | None, Query(ge=1, description="frames to sample from a video (default: the model's)")]
+
+
+async def read_clip(request: Request, service: Service, served: ServedModel, frames: int | None) -> torch.Tensor:
+    """The request body, whatever its form, as one clip (T, C, H, W) uint8 at the model's size."""
+    limits = served.limits
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        form = await request.form(
+            max_files=limits.max_frames + 1, max_fields=16, max_part_size=service.settings.max_upload_bytes
+        )
+        try:
+            parts, videos = form.getlist("frames"), form.getlist("video")
+            if parts and videos:
+                raise bad_input("send either 'frames' parts or one 'video' part, not both")
+            if len(videos) > 1:
+                raise wrong_shape("send one 'video' part per request")
+            if videos:
+                video = videos[0]
+                if not isinstance(video, UploadFile):
+                    raise bad_input("the 'video' part must be a file")
+                return await service.in_pool(decode_video, await video.read(), limits, frames)
+            blobs = []
+            for i, part in enumerate(parts):
+                if not isinstance(part, UploadFile):
+                    raise bad_input(f"frame {i} must be a file part")
+                blobs.append(await part.read())
+            return await service.in_pool(decode_images, blobs, limits)
+        finally:
+            await form.close()
+    if content_type == "application/json":
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise bad_input(f"the body is not valid JSON ({exc})") from exc
+        if not isinstance(body, dict) or not ({"frames", "video"} & set(body)):
+            raise bad_input('the JSON body must be {"frames": ["<base64 image>", ...]} or {"video": "<base64>"}')
+        if "video" in body:
+            try:
+                data = base64.b64decode(str(body["video"]), validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise bad_input(f"video is not valid base64 ({exc})") from exc
+            return await service.in_pool(decode_video, data, limits, frames)
+        if not isinstance(body["frames"], list):
+            raise bad_input('"frames" must be a list of base64 strings')
+        return await service.in_pool(decode_base64_images, body["frames"], limits)
+    raise unsupported(
+        f"content type {content_type or 'none'!r} is not supported; "
+        "send multipart/form-data (frames or video parts) or application/json"
+    )
+
+
+async def predict_with(
+    request: Request, service: Service, name: str | None, top_k: int, frames: int | None
+) -> Prediction | Response:
+    started = time.perf_counter()
+    service.check_accepting()
+    served = service.model(name)
+    clip = await read_clip(request, service, served, frames)
+    decoded = time.perf_counter()
+    service.metrics.decode_seconds.labels("request").observe(decoded - started)
+    try:
+        [result] = await run_clips(request, served.batcher, [clip])
+    except ClientGone:
+        return Response(status_code=499)
+    probs = result.probabilities.tolist()
+    labels = served.runtime.labels
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    return Prediction(
+        model=served.runtime.name,
+        model_version=served.runtime.version,
+        label=labels[order[0]],
+        probabilities=dict(zip(labels, probs, strict=True)),
+        top_k=[TopK(label=labels[i], probability=probs[i]) for i in order[:top_k]],
+        frames=int(clip.shape[0]),
+        timing_ms=Timing(
+            decode=ms(decoded - started),
+            queue=ms(result.queue_s),
+            inference=ms(result.inference_s),
+            total=ms(time.perf_counter() - started),
+        ),
+    )
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+@router.post(
+    "/predict",
+    response_model=Prediction,
+    responses=_ERRORS,
+    openapi_extra=_PREDICT_BODY,
+    summary="Classify a clip with the default model",
+)
+async def predict(
+    request: Request, service: ServiceDep, top_k: TopKQuery = 5, frames: FramesQuery = None
+) -> Prediction | Response:
+    """Send frames (multipart `frames` parts in order, or JSON base64 `frames`) or one `video`.
+
+    Frames of any size are resized to the model's input; a video is sampled evenly to
+    the model's clip length unless `frames` asks for another count.
+    """
+    return await predict_with(request, service, None, top_k, frames)
+
+
+@router.post(
+    "/models/{name}/predict",
+    response_model=Prediction,
+    responses=_ERRORS,
+    openapi_extra=_PREDICT_BODY,
+    summary="Classify a clip with a named model",
+)
+async def predict_named(
+    name: str, request: Request, service: ServiceDep, top_k: TopKQuery = 5, frames: FramesQuery = None
+) -> Prediction | Response:
+    """As `POST /predict`, for the model called `name`."""
+    return await predict_with(request, service, name, top_k, frames)
+
+
+def model_info(service: Service, served: ServedModel) -> ModelInfo:
+    b = served.batcher
+    return ModelInfo(
+        **served.runtime.describe(),
+        default=served.runtime.name == service.default_model,
+        batching={
+            "max_batch_size": b.max_batch_size,
+            "max_batch_frames": b.max_batch_frames,
+            "max_delay_ms": b.max_delay_s * 1000,
+            "max_queue": b.max_queue,
+            "timeout_s": b.timeout_s,
+        },
+    )
+
+
+@router.get("/models", response_model=ModelList, summary="List the loaded models")
+async def list_models(service: ServiceDep) -> ModelList:
+    return ModelList(default=service.default_model, models=[model_info(service, m) for m in service.models.values()])
+
+
+@router.get(
+    "/models/{name}",
+    response_model=ModelInfo,
+    responses={404: _ERRORS[404]},
+    summary="One model: version, labels, input spec, metrics, batching",
+)
+async def get_model(name: str, service: ServiceDep) -> ModelInfo:
+    return model_info(service, service.model(name))

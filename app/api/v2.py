@@ -1,0 +1,210 @@
+"""KServe v2 / Open Inference Protocol: health, metadata, readiness and inference.
+
+Input ``frames``: UINT8 ``[B, T, H, W, C]`` (frames of other sizes are resized);
+output ``probabilities``: FP32 ``[B, K]``. Supports the binary tensor data extension
+(``binary_data_size`` inputs after the JSON header, ``binary_data`` outputs) and the
+classification extension (``"classification": k`` on an output gives BYTES
+``"<probability>:<index>:<label>"``). Errors are ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from app import __version__
+from app.api.common import ClientGone, run_clips
+from app.deps import ServiceDep, require_api_key
+from app.errors import bad_input, not_found, not_ready, wrong_shape
+from app.preprocess import tensor_to_clips
+from app.state import ServedModel, Service
+
+HEADER = "inference-header-content-length"
+INPUT, OUTPUT = "frames", "probabilities"
+EXTENSIONS = ["binary_tensor_data", "classification"]
+
+health = APIRouter(prefix="/v2", tags=["kserve-v2"])
+router = APIRouter(prefix="/v2", tags=["kserve-v2"], dependencies=[Depends(require_api_key)])
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "fusionserve", "version": __version__, "extensions": EXTENSIONS}
+
+
+@health.get("/health/live", summary="Liveness")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@health.get("/health/ready", summary="Readiness: every model loaded and warmed, not shutting down")
+async def ready(service: ServiceDep) -> JSONResponse:
+    ok = service.ready and not service.draining
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+
+def served_version(service: Service, name: str, version: str | None) -> ServedModel:
+    served = service.model(name)
+    if version not in (None, "", served.runtime.version):
+        raise not_found(f"model {name!r} has no version {version!r}; it serves {served.runtime.version!r}")
+    return served
+
+
+def metadata(served: ServedModel) -> dict[str, Any]:
+    limits, rt = served.limits, served.runtime
+    return {
+        "name": rt.name,
+        "versions": [rt.version],
+        "platform": "fusionserve_pytorch",
+        "inputs": [
+            {"name": INPUT, "datatype": "UINT8", "shape": [-1, -1, limits.height, limits.width, limits.channels]}
+        ],
+        "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(rt.labels)]}],
+        "parameters": {"labels": rt.labels},
+    }
+
+
+@router.get("/models/{name}", summary="Model metadata")
+@router.get("/models/{name}/versions/{version}", include_in_schema=False)
+async def model_metadata(name: str, service: ServiceDep, version: str | None = None) -> dict[str, Any]:
+    return metadata(served_version(service, name, version))
+
+
+@router.get("/models/{name}/ready", summary="Model readiness")
+@router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
+async def model_ready(name: str, service: ServiceDep, version: str | None = None) -> JSONResponse:
+    served = served_version(service, name, version)
+    ok = service.ready and not service.draining
+    return JSONResponse({"name": served.runtime.name, "ready": ok}, status_code=200 if ok else 503)
+
+
+def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise bad_input(
+                f"Inference-Header-Content-Length {header_length!r} does not fit a body of {len(body)} bytes"
+            )
+        split = int(header_length)
+        head, binary = body[:split], body[split:]
+    else:
+        head, binary = body, b""
+    try:
+        request = json.loads(head)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_input(f"the inference request is not valid JSON ({exc})") from exc
+    if not isinstance(request, dict):
+        raise bad_input("the inference request must be a JSON object")
+    return request, binary
+
+
+def input_array(request: dict[str, Any], binary: bytes) -> np.ndarray:
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise wrong_shape(f"send exactly one input, {INPUT!r}")
+    spec = inputs[0]
+    if spec.get("name") != INPUT:
+        raise wrong_shape(f"unknown input {spec.get('name')!r}; this model takes {INPUT!r}")
+    if spec.get("datatype") != "UINT8":
+        raise wrong_shape(f"input {INPUT!r} must be UINT8, got {spec.get('datatype')!r}")
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise wrong_shape(f"input shape must be a list of non-negative integers, got {shape!r}")
+    count = int(np.prod(shape)) if shape else 1
+    size = (spec.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size != count or size > len(binary):
+            raise wrong_shape(
+                f"binary_data_size {size!r} does not match shape {shape} ({count} bytes) "
+                f"or the {len(binary)} bytes sent"
+            )
+        return np.frombuffer(binary, dtype=np.uint8, count=size).reshape(shape).copy()  # writable for torch
+    data = spec.get("data")
+    if data is None:
+        raise bad_input(f"input {INPUT!r} has neither data nor binary_data_size")
+    try:
+        flat = np.asarray(data, dtype=np.int64).reshape(-1)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise bad_input(f"input data must be integers ({exc})") from exc
+    if flat.size != count:
+        raise wrong_shape(f"input has {flat.size} values but shape {shape} needs {count}")
+    if flat.size and (flat.min() < 0 or flat.max() > 255):
+        raise bad_input("UINT8 input values must be in 0..255")
+    return flat.astype(np.uint8).reshape(shape)
+
+
+def output_options(request: dict[str, Any]) -> tuple[bool, int | None]:
+    """(binary output?, classification top-k or None) for the ``probabilities`` output."""
+    binary = bool((request.get("parameters") or {}).get("binary_data_output", False))
+    classification = None
+    outputs = request.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise bad_input("outputs must be a list")
+    for out in outputs:
+        if not isinstance(out, dict) or out.get("name") != OUTPUT:
+            raise wrong_shape(
+                f"unknown output {out.get('name') if isinstance(out, dict) else out!r}; this model gives {OUTPUT!r}"
+            )
+        params = out.get("parameters") or {}
+        binary = bool(params.get("binary_data", binary))
+        if params.get("classification") is not None:
+            k = params["classification"]
+            if not isinstance(k, int) or k < 1:
+                raise bad_input(f"classification must be a positive integer, got {k!r}")
+            classification = k
+    return binary, classification
+
+
+def encode_output(
+    probs: np.ndarray, labels: list[str], binary: bool, classification: int | None
+) -> tuple[dict[str, Any], bytes]:
+    B, K = probs.shape
+    if classification is None:
+        out: dict[str, Any] = {"name": OUTPUT, "datatype": "FP32", "shape": [B, K]}
+        raw = probs.astype("<f4").tobytes()
+        data: list[Any] = probs.reshape(-1).tolist()
+    else:
+        k = min(classification, K)
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        strings = [f"{probs[b, i]:.6f}:{i}:{labels[i]}" for b in range(B) for i in order[b]]
+        out = {"name": OUTPUT, "datatype": "BYTES", "shape": [B, k]}
+        raw = b"".join(len(s.encode()).to_bytes(4, "little") + s.encode() for s in strings)
+        data = strings
+    if binary:
+        out["parameters"] = {"binary_data_size": len(raw)}
+        return out, raw
+    out["data"] = data
+    return out, b""
+
+
+@router.post("/models/{name}/infer", summary="Inference (JSON, or JSON header + binary tensors)")
+@router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
+async def infer(name: str, request: Request, service: ServiceDep, version: str | None = None) -> Response:
+    if service.draining or not service.ready:
+        raise not_ready("the server is not ready" if not service.draining else "the server is shutting down")
+    served = served_version(service, name, version)
+    body_json, binary = parse_request(await request.body(), request.headers.get(HEADER))
+    array = input_array(body_json, binary)
+    want_binary, classification = output_options(body_json)
+    clips: list[torch.Tensor] = await service.in_pool(tensor_to_clips, array, served.limits)
+    try:
+        results = await run_clips(request, served.batcher, clips)
+    except ClientGone:
+        return Response(status_code=499)
+    probs = torch.stack([r.probabilities for r in results]).numpy()
+    output, raw = encode_output(probs, served.runtime.labels, want_binary, classification)
+    reply: dict[str, Any] = {
+        "model_name": served.runtime.name,
+        "model_version": served.runtime.version,
+        "outputs": [output],
+    }
+    if "id" in body_json:
+        reply["id"] = body_json["id"]
+    head = json.dumps(reply).encode()
+    if not raw:
+        return Response(head, media_type="application/json")
+    return Response(head + raw, media_type="application/octet-stream", headers={HEADER: str(len(head))})

@@ -1,0 +1,215 @@
+"""Dynamic batching: one bounded queue and one worker thread per model.
+
+The event loop only enqueues and awaits. The worker takes queued clips in arrival
+order into a batch bounded by clips and by frames; when the model is idle a lone clip
+runs at once, and while it is busy new clips gather for the next batch (an extra wait
+only when ``max_delay_s`` asks for one). A clip whose caller timed out or went away
+is dropped before it costs compute. A batch that raises is retried clip by clip, so
+only the clip that causes the failure fails. ``close`` stops taking work, answers
+every accepted clip, then stops the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The queue is full."""
+
+
+class Closed(Exception):
+    """The batcher is shutting down and takes no new work."""
+
+
+class TimedOut(Exception):
+    """The clip waited in the queue past its deadline."""
+
+
+class InferenceFailed(Exception):
+    """The model raised on this clip (alone)."""
+
+
+@dataclass(frozen=True)
+class Result:
+    probabilities: torch.Tensor  # (K,) float32
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    size: int
+    frames: int
+    queue_s: list[float]
+    inference_s: float
+
+
+@dataclass(eq=False)
+class _Pending:
+    clip: torch.Tensor  # (T, C, H, W) uint8
+    future: asyncio.Future[Result]
+    loop: asyncio.AbstractEventLoop
+    enqueued: float
+    deadline: float
+    cancelled: bool = field(default=False)
+
+
+Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Batcher:
+    def __init__(
+        self,
+        name: str,
+        forward: Forward,
+        *,
+        max_batch_size: int,
+        max_batch_frames: int,
+        max_delay_s: float,
+        max_queue: int,
+        timeout_s: float,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        on_drop: Callable[[str], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_batch_frames < 1 or max_queue < 1 or timeout_s <= 0 or max_delay_s < 0:
+            raise ValueError("batch limits, queue size and timeout must be positive")
+        self.name = name
+        self._forward = forward
+        self.max_batch_size, self.max_batch_frames = max_batch_size, max_batch_frames
+        self.max_delay_s, self.max_queue, self.timeout_s = max_delay_s, max_queue, timeout_s
+        self._on_batch = on_batch or (lambda stats: None)
+        self._on_drop = on_drop or (lambda reason: None)
+        self._queue: deque[_Pending] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def submit(self, clip: torch.Tensor) -> Result:
+        """Queue one clip (T, C, H, W) and wait for its probabilities."""
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        pending = _Pending(clip, loop.create_future(), loop, now, now + self.timeout_s)
+        with self._cond:
+            if self._closing:
+                raise Closed(f"model {self.name} is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise Overloaded(f"model {self.name} has {len(self._queue)} clips queued (limit {self.max_queue})")
+            self._queue.append(pending)
+            self._cond.notify()
+        try:
+            return await asyncio.wait_for(pending.future, self.timeout_s)
+        except TimeoutError:
+            pending.cancelled = True
+            raise TimedOut(f"no result within {self.timeout_s:g} s") from None
+        except asyncio.CancelledError:  # the caller went away
+            pending.cancelled = True
+            raise
+
+    async def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join)
+
+    # --- worker thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            batch = self._collect()
+            if batch is None:
+                return
+            if batch:
+                self._execute(batch)
+
+    def _collect(self) -> list[_Pending] | None:
+        with self._cond:
+            while not self._queue and not self._closing:
+                self._cond.wait()
+            if not self._queue:
+                return None  # closing, and everything accepted was answered
+            if self.max_delay_s > 0 and not self._closing:
+                self._wait_for_fuller_batch()
+            batch: list[_Pending] = []
+            frames = 0
+            now = time.perf_counter()
+            while self._queue and len(batch) < self.max_batch_size:
+                head = self._queue[0]
+                if head.cancelled or head.future.done():
+                    self._queue.popleft()
+                    self._on_drop("cancelled")
+                    continue
+                if now > head.deadline:
+                    self._queue.popleft()
+                    self._on_drop("timeout")
+                    self._settle(head, exc=TimedOut(f"waited more than {self.timeout_s:g} s in the queue"))
+                    continue
+                n = head.clip.shape[0]
+                if batch and frames + n > self.max_batch_frames:
+                    break
+                batch.append(self._queue.popleft())
+                frames += n
+            return batch
+
+    def _wait_for_fuller_batch(self) -> None:
+        until = self._queue[0].enqueued + self.max_delay_s
+        while not self._closing and len(self._queue) < self.max_batch_size:
+            if sum(p.clip.shape[0] for p in self._queue) >= self.max_batch_frames:
+                return
+            left = until - time.perf_counter()
+            if left <= 0:
+                return
+            self._cond.wait(left)
+
+    def _execute(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        try:
+            frames = torch.cat([p.clip for p in batch])  # (N, C, H, W)
+            lengths = torch.tensor([p.clip.shape[0] for p in batch])
+            probs = self._forward(frames, lengths)  # (B, K)
+        except Exception as exc:
+            if len(batch) == 1:
+                log.warning("model %s failed on a clip of %d frames: %s", self.name, batch[0].clip.shape[0], exc)
+                self._settle(batch[0], exc=InferenceFailed(str(exc)))
+                return
+            log.warning("batch of %d on %s failed (%s); retrying clip by clip", len(batch), self.name, exc)
+            for pending in batch:
+                self._execute([pending])
+            return
+        spent = time.perf_counter() - started
+        self._on_batch(BatchStats(len(batch), int(lengths.sum()), [started - p.enqueued for p in batch], spent))
+        for pending, row in zip(batch, probs, strict=True):
+            self._settle(pending, Result(row, started - pending.enqueued, spent, len(batch)))
+
+    @staticmethod
+    def _settle(pending: _Pending, result: Result | None = None, exc: Exception | None = None) -> None:
+        def apply() -> None:
+            if pending.future.done():
+                return
+            if exc is not None:
+                pending.future.set_exception(exc)
+            else:
+                pending.future.set_result(result)  # type: ignore[arg-type]
+
+        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is waiting any more
+            pending.loop.call_soon_threadsafe(apply)

@@ -1,0 +1,71 @@
+"""Prometheus metrics, in a registry of the app's own (no module globals)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from app.batcher import BatchStats
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+FRAME_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "fusionserve_requests", "HTTP requests by route and status", ["method", "route", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "fusionserve_request_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.decode_seconds = Histogram(
+            "fusionserve_decode_seconds", "decoding one request's clip", ["kind"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_seconds = Histogram(
+            "fusionserve_queue_seconds",
+            "time a clip waited for its batch",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "fusionserve_inference_seconds", "forward pass of one batch", ["model"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "fusionserve_batch_size", "clips per batch", ["model"], buckets=SIZE_BUCKETS, registry=r
+        )
+        self.batch_frames = Histogram(
+            "fusionserve_batch_frames", "frames per batch", ["model"], buckets=FRAME_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("fusionserve_queue_depth", "clips waiting", ["model"], registry=r)
+        self.dropped = Counter(
+            "fusionserve_dropped_clips", "clips dropped before compute", ["model", "reason"], registry=r
+        )
+        self.model_info = Gauge(
+            "fusionserve_model_info", "loaded models (value 1)", ["model", "version", "device", "head"], registry=r
+        )
+        self.ready = Gauge("fusionserve_ready", "1 when every model is loaded and warmed", registry=r)
+
+    def batch_observer(self, model: str) -> Callable[[BatchStats], None]:
+        size, frames = self.batch_size.labels(model), self.batch_frames.labels(model)
+        queue, inference = self.queue_seconds.labels(model), self.inference_seconds.labels(model)
+
+        def observe(stats: BatchStats) -> None:
+            size.observe(stats.size)
+            frames.observe(stats.frames)
+            inference.observe(stats.inference_s)
+            for q in stats.queue_s:
+                queue.observe(q)
+
+        return observe
+
+    def drop_observer(self, model: str) -> Callable[[str], None]:
+        return lambda reason: self.dropped.labels(model, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,157 @@
+"""Decoding and resizing: encoded images or a video -> one clip, uint8 (T, C, H, W).
+
+These functions are synchronous and CPU-bound; the routes run them in a thread pool
+so the event loop never waits on them. Every failure is an ``ApiError`` with a
+4xx status that says which frame and why.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import itertools
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from app.errors import ApiError, bad_input, too_large, wrong_shape
+
+IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "BMP"}
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    height: int
+    width: int
+    channels: int
+    frames: int  # the model's training clip length: default for sampling videos
+    max_frames: int
+    max_pixels: int
+
+
+def check_count(count: int, limits: InputLimits, what: str = "frames") -> None:
+    if count == 0:
+        raise wrong_shape(f"no {what}: send at least one frame")
+    if count > limits.max_frames:
+        raise wrong_shape(f"{count} {what} is more than the limit of {limits.max_frames}")
+
+
+def decode_image(data: bytes, limits: InputLimits, index: int) -> np.ndarray:
+    """One encoded image -> uint8 (H, W, C) at the model's size."""
+    if not data:
+        raise bad_input(f"frame {index} is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data))
+            if opened.format not in IMAGE_FORMATS:
+                raise bad_input(f"frame {index} is {opened.format}; send JPEG, PNG, WebP or BMP")
+            w, h = opened.size
+            if w * h > limits.max_pixels:
+                raise too_large(f"frame {index} is {w}x{h}, more than {limits.max_pixels} pixels")
+            mode = "RGB" if limits.channels == 3 else "L"
+            opened.draft(mode, (limits.width, limits.height))  # JPEG: decode at a reduced scale
+            img = opened.convert(mode)
+            if img.size != (limits.width, limits.height):
+                img = img.resize((limits.width, limits.height), Image.Resampling.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except ApiError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise too_large(f"frame {index} is a decompression bomb ({exc})") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise bad_input(f"frame {index} is not a decodable image ({exc})") from exc
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def frames_to_clip(frames: list[np.ndarray]) -> torch.Tensor:
+    """[(H, W, C) uint8] -> (T, C, H, W) uint8, channels-last in memory (no copy of pixels twice)."""
+    stacked = np.stack(frames)  # (T, H, W, C)
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2)  # (T, C, H, W), channels-last strides
+
+
+def decode_images(blobs: list[bytes], limits: InputLimits) -> torch.Tensor:
+    check_count(len(blobs), limits)
+    return frames_to_clip([decode_image(b, limits, i) for i, b in enumerate(blobs)])
+
+
+def decode_base64_images(items: list[object], limits: InputLimits) -> torch.Tensor:
+    check_count(len(items), limits)
+    blobs = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise bad_input(f"frame {i} must be a base64 string")
+        if item.startswith("data:") and "," in item:  # data URL
+            item = item.split(",", 1)[1]
+        try:
+            blobs.append(base64.b64decode(item, validate=True))
+        except (binascii.Error, ValueError) as exc:
+            raise bad_input(f"frame {i} is not valid base64 ({exc})") from exc
+    return decode_images(blobs, limits)
+
+
+def sample_positions(total: int, wanted: int) -> list[int]:
+    """``wanted`` frame positions spread evenly over ``total`` frames (segment centres)."""
+    if total <= wanted:
+        return list(range(total))
+    edges = np.linspace(0, total, wanted + 1)
+    return [min(total - 1, int((a + b) / 2)) for a, b in itertools.pairwise(edges)]
+
+
+def decode_video(data: bytes, limits: InputLimits, frames: int | None = None) -> torch.Tensor:
+    """An encoded video -> (T, C, H, W) uint8, T = ``frames`` (default: the model's) sampled evenly."""
+    try:
+        import av
+    except ImportError as exc:  # the `video` extra is not installed
+        raise ApiError(
+            415, "unsupported_media_type", "video input needs PyAV (pip install fusionserve[video])"
+        ) from exc
+    wanted = frames or limits.frames
+    check_count(wanted, limits)
+    fmt = "rgb24" if limits.channels == 3 else "gray"
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                raise bad_input("the video part has no video stream")
+            stream = container.streams.video[0]
+            w, h = stream.codec_context.width, stream.codec_context.height
+            if w * h > limits.max_pixels:
+                raise too_large(f"video frames are {w}x{h}, more than {limits.max_pixels} pixels")
+            stream.thread_type = "AUTO"
+            decoded = []
+            for frame in container.decode(stream):
+                decoded.append(frame.reformat(width=limits.width, height=limits.height, format=fmt).to_ndarray())
+                if len(decoded) > 10_000:
+                    raise too_large("the video has more than 10000 frames")
+    except ApiError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError, IndexError) as exc:
+        raise bad_input(f"the video could not be decoded ({exc})") from exc
+    if not decoded:
+        raise bad_input("the video has no decodable frames")
+    picked = [decoded[i] for i in sample_positions(len(decoded), wanted)]
+    return frames_to_clip([f[..., None] if f.ndim == 2 else f for f in picked])
+
+
+def tensor_to_clips(array: np.ndarray, limits: InputLimits) -> list[torch.Tensor]:
+    """A KServe ``frames`` tensor uint8 (B, T, H, W, C) -> B clips (T, C, H', W') at the model's size."""
+    if array.ndim != 5 or array.shape[-1] != limits.channels:
+        raise wrong_shape(f"frames must have shape [B, T, H, W, {limits.channels}], got {list(array.shape)}")
+    B, T, H, W, C = array.shape
+    if B == 0:
+        raise wrong_shape("frames has an empty batch dimension")
+    check_count(T, limits)
+    if limits.max_pixels < H * W:
+        raise too_large(f"frames are {W}x{H}, more than {limits.max_pixels} pixels")
+    clips = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 1, 4, 2, 3)  # (B, T, C, H, W)
+    if (limits.height, limits.width) != (H, W):
+        flat = clips.reshape(B * T, C, H, W).float()
+        flat = torch.nn.functional.interpolate(
+            flat, size=(limits.height, limits.width), mode="bilinear", antialias=True, align_corners=False
+        )
+        clips = flat.round().clamp(0, 255).to(torch.uint8).reshape(B, T, C, limits.height, limits.width)
+    return list(clips.unbind(0))

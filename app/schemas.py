@@ -1,0 +1,82 @@
+"""Response bodies, as pydantic models so the OpenAPI docs show them with examples."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TopK(BaseModel):
+    label: str
+    probability: float
+
+
+class Timing(BaseModel):
+    decode: float = Field(description="decoding and resizing the input, ms")
+    queue: float = Field(description="waiting for a batch, ms")
+    inference: float = Field(description="the batch's forward pass, ms")
+    total: float = Field(description="from request start to answer, ms")
+
+
+class Prediction(BaseModel):
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "moving-digits-lstm",
+                    "model_version": "1",
+                    "label": "left",
+                    "probabilities": {
+                        "left": 0.97,
+                        "right": 0.01,
+                        "up": 0.004,
+                        "down": 0.004,
+                        "clockwise": 0.003,
+                        "counterclockwise": 0.003,
+                        "zoom_in": 0.003,
+                        "zoom_out": 0.003,
+                    },
+                    "top_k": [{"label": "left", "probability": 0.97}, {"label": "right", "probability": 0.01}],
+                    "frames": 12,
+                    "timing_ms": {"decode": 1.9, "queue": 0.1, "inference": 6.2, "total": 8.9},
+                }
+            ]
+        },
+    )
+    model: str
+    model_version: str
+    label: str
+    probabilities: dict[str, float]
+    top_k: list[TopK]
+    frames: int
+    timing_ms: Timing
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    name: str
+    version: str
+    default: bool
+    labels: list[str]
+    input: dict[str, Any]
+    metrics: dict[str, Any]
+    arch: dict[str, Any]
+    device: str
+    created_at: str
+    batching: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,55 @@
+"""Service settings: ``FUSIONSERVE_*`` environment variables, or the same names as flags of ``python -m app``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models import default_checkpoint
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FUSIONSERVE_", extra="ignore")
+
+    checkpoint: Path = Field(
+        default_factory=default_checkpoint,
+        description="a .safetensors checkpoint, or a folder of them (one model each); default: the bundled model",
+    )
+    default_model: str | None = Field(None, description="model that /predict serves; default: the first loaded")
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
+    max_batch_size: int = Field(32, ge=1, description="most clips in one batch")
+    max_batch_frames: int = Field(512, ge=1, description="most frames in one batch (a longer lone clip still runs)")
+    max_batch_delay_ms: float = Field(0.0, ge=0, description="extra wait for a fuller batch; 0: none")
+    max_queue: int = Field(256, ge=1, description="clips waiting per model before new ones get 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="a clip still queued after this gets 504")
+    max_frames: int = Field(64, ge=1, description="most frames in one clip")
+    max_upload_mb: float = Field(32.0, gt=0, description="largest request body")
+    max_pixels: int = Field(4096 * 4096, ge=1, description="largest width x height of one decoded frame")
+    api_key: SecretStr | None = Field(None, description="when set, required as Bearer token or X-API-Key")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's choice")
+    decode_workers: int = Field(2, ge=1, description="threads that decode images and videos")
+    warmup: bool = Field(True, description="run dummy batches before reporting ready")
+    drain_s: float = Field(0.0, ge=0, description="after SIGTERM, seconds to report not-ready before closing")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _paths(self) -> Settings:
+        if not self.checkpoint.exists():
+            raise ValueError(f"checkpoint {self.checkpoint} does not exist")
+        return self
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)

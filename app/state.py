@@ -1,0 +1,100 @@
+"""What the service holds while it runs: models, their batchers, settings, metrics.
+
+Created in the lifespan of the app (``app.state.service``), never at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypeVar
+
+import torch
+
+from app.batcher import Batcher
+from app.errors import not_found, not_ready
+from app.metrics import Metrics
+from app.preprocess import InputLimits
+from app.runtime import ModelRuntime, load_runtimes, pick_device
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class ServedModel:
+    runtime: ModelRuntime
+    batcher: Batcher
+    limits: InputLimits
+
+
+@dataclass
+class Service:
+    settings: Settings
+    metrics: Metrics
+    models: dict[str, ServedModel] = field(default_factory=dict)
+    default_model: str = ""
+    decode_pool: ThreadPoolExecutor | None = None
+    ready: bool = False
+    draining: bool = False
+
+    def model(self, name: str | None) -> ServedModel:
+        name = name or self.default_model
+        if name not in self.models:
+            raise not_found(f"no model named {name!r}; loaded: {sorted(self.models)}")
+        return self.models[name]
+
+    def check_accepting(self) -> None:
+        if self.draining:
+            raise not_ready("the server is shutting down")
+        if not self.ready:
+            raise not_ready("the server is not ready yet")
+
+    async def in_pool(self, fn: Any, *args: Any) -> Any:
+        """Run CPU-bound work (decoding) on the decode threads, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
+
+    def load(self) -> None:
+        """Load every checkpoint, warm it up, and start its batcher (blocking; call in a thread)."""
+        s = self.settings
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
+        device = pick_device(s.device)
+        runtimes = load_runtimes(s.checkpoint, device)
+        for name, runtime in runtimes.items():
+            if s.warmup:
+                runtime.warm_up(s.max_frames)
+            batcher = Batcher(
+                name,
+                runtime.infer,
+                max_batch_size=s.max_batch_size,
+                max_batch_frames=s.max_batch_frames,
+                max_delay_s=s.max_batch_delay_ms / 1000,
+                max_queue=s.max_queue,
+                timeout_s=s.request_timeout_s,
+                on_batch=self.metrics.batch_observer(name),
+                on_drop=self.metrics.drop_observer(name),
+            )
+            self.models[name] = ServedModel(runtime, batcher, runtime.limits(s.max_frames, s.max_pixels))
+            self.metrics.model_info.labels(
+                name, runtime.version, str(device), runtime.checkpoint.model.config.head.name
+            ).set(1)
+            self.metrics.queue_depth.labels(name).set_function(partial(getattr, batcher, "depth"))
+        if s.default_model and s.default_model not in self.models:
+            raise ValueError(f"default model {s.default_model!r} is not among the loaded {sorted(self.models)}")
+        self.default_model = s.default_model or next(iter(self.models))
+        self.decode_pool = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode")
+        for served in self.models.values():
+            served.batcher.start()
+
+    async def close(self) -> None:
+        """Stop taking work, answer everything accepted, then release the threads."""
+        self.ready = False
+        self.metrics.ready.set(0)
+        await asyncio.gather(*(m.batcher.close() for m in self.models.values()))
+        if self.decode_pool is not None:
+            self.decode_pool.shutdown(wait=True)

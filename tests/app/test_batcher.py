@@ -1,0 +1,181 @@
+"""The batcher on its own: batching by cost, idle latency, failures, timeouts, cancellation, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from app.batcher import Batcher, BatchStats, Closed, InferenceFailed, Overloaded, TimedOut
+
+
+class FakeModel:
+    """Sums each clip's pixels; records batches; can be slowed down or poisoned (a clip of 255s raises)."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        self.gate.wait()
+        self.batches.append(lengths.tolist())
+        clips = frames.split(lengths.tolist())
+        if any(bool((c == 255).all()) for c in clips):
+            raise RuntimeError("poisoned clip")
+        time.sleep(self.delay_s)
+        return torch.stack([torch.tensor([float(c.sum()), float(len(c))]) for c in clips])
+
+
+def clip(frames: int, value: int = 1) -> torch.Tensor:
+    return torch.full((frames, 1, 2, 2), value, dtype=torch.uint8)
+
+
+def make(model: FakeModel, **kw: object) -> tuple[Batcher, list[BatchStats], list[str]]:
+    stats: list[BatchStats] = []
+    drops: list[str] = []
+    opts = {"max_batch_size": 8, "max_batch_frames": 100, "max_delay_s": 0.0, "max_queue": 64, "timeout_s": 10.0}
+    opts.update(kw)
+    b = Batcher("m", model, on_batch=stats.append, on_drop=drops.append, **opts)  # type: ignore[arg-type]
+    b.start()
+    return b, stats, drops
+
+
+def test_a_lone_request_runs_at_once_and_busy_time_gathers_a_batch() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        b, stats, _ = make(model)
+        r = await b.submit(clip(3))
+        assert r.probabilities.tolist() == [12.0, 3.0] and r.batch_size == 1
+        model.gate.clear()  # the model is busy: the next requests must gather
+        first = asyncio.ensure_future(b.submit(clip(1)))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(b.submit(clip(n))) for n in (2, 3, 4)]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        results = await asyncio.gather(first, *rest)
+        assert [r.probabilities[1].item() for r in results] == [1, 2, 3, 4]
+        assert model.batches[1:] == [[1], [2, 3, 4]]
+        assert [s.size for s in stats] == [1, 1, 3]
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_batches_respect_the_clip_and_frame_limits() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        model.gate.clear()
+        b, _, _ = make(model, max_batch_size=3, max_batch_frames=10)
+        first = asyncio.ensure_future(b.submit(clip(1)))  # taken alone while the model was idle
+        await asyncio.sleep(0.05)
+        tasks = [asyncio.ensure_future(b.submit(clip(n))) for n in (4, 4, 4, 1, 1, 1, 1, 12)]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        await asyncio.gather(first, *tasks)
+        # At most 3 clips and 10 frames a batch; a lone clip over the frame limit still runs.
+        assert model.batches == [[1], [4, 4], [4, 1, 1], [1, 1], [12]]
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_failing_batch_fails_only_the_clip_that_caused_it() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        model.gate.clear()
+        b, _, _ = make(model)
+        blocker = asyncio.ensure_future(b.submit(clip(1)))
+        await asyncio.sleep(0.05)
+        good1, bad, good2 = (asyncio.ensure_future(b.submit(c)) for c in (clip(2), clip(2, 255), clip(3)))
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        await blocker
+        assert (await good1).probabilities[1] == 2 and (await good2).probabilities[1] == 3
+        with pytest.raises(InferenceFailed, match="poisoned"):
+            await bad
+        assert [2, 2, 3] in model.batches and [2] in model.batches and [3] in model.batches
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_full_queue_is_refused() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        model.gate.clear()
+        b, _, _ = make(model, max_queue=2)
+        running = asyncio.ensure_future(b.submit(clip(1)))
+        await asyncio.sleep(0.05)  # taken by the worker; the queue is empty again
+        queued = [asyncio.ensure_future(b.submit(clip(1))) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):
+            await b.submit(clip(1))
+        model.gate.set()
+        await asyncio.gather(running, *queued)
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_timed_out_and_cancelled_clips_are_dropped_before_compute() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        model.gate.clear()
+        b, _, drops = make(model, timeout_s=0.2)
+        running = asyncio.ensure_future(b.submit(clip(1)))
+        await asyncio.sleep(0.05)
+        late = asyncio.ensure_future(b.submit(clip(5)))
+        gone = asyncio.ensure_future(b.submit(clip(6)))
+        await asyncio.sleep(0.05)
+        gone.cancel()  # the caller went away
+        with pytest.raises(TimedOut):
+            await late
+        model.gate.set()
+        with pytest.raises(TimedOut):  # the running clip also outlived its deadline while the model was stuck
+            await running
+        await asyncio.sleep(0.1)
+        assert [5] not in model.batches and [6] not in model.batches and [5, 6] not in model.batches
+        assert sorted(drops) == ["cancelled", "cancelled"]
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_close_answers_everything_accepted_then_refuses() -> None:
+    async def main() -> None:
+        model = FakeModel(delay_s=0.02)
+        b, _, _ = make(model, max_batch_size=1)
+        tasks = [asyncio.ensure_future(b.submit(clip(1, value=i))) for i in range(10)]
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(b.close())
+        results = await asyncio.gather(*tasks)
+        await closing
+        assert [r.probabilities[0].item() for r in results] == [4.0 * i for i in range(10)]
+        with pytest.raises(Closed):
+            await b.submit(clip(1))
+
+    asyncio.run(main())
+
+
+def test_max_delay_waits_for_a_fuller_batch() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        b, _, _ = make(model, max_delay_s=0.2, max_batch_size=4)
+        first = asyncio.ensure_future(b.submit(clip(1)))
+        await asyncio.sleep(0.02)
+        rest = [asyncio.ensure_future(b.submit(clip(1))) for _ in range(3)]
+        await asyncio.gather(first, *rest)
+        assert model.batches == [[1, 1, 1, 1]]
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_bad_limits_are_refused() -> None:
+    with pytest.raises(ValueError):
+        Batcher("m", FakeModel(), max_batch_size=0, max_batch_frames=1, max_delay_s=0, max_queue=1, timeout_s=1)

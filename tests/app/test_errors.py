@@ -1,0 +1,135 @@
+"""Bad input through a real server: each gets its 4xx and the error body, and the server stays up."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.app.conftest import encode, live_server, multipart_frames, synth_clip
+
+KEY = "s3cret-test-key"
+
+
+@pytest.fixture(scope="module")
+def server(default_ckpt: Path):  # type: ignore[no-untyped-def]
+    with live_server(checkpoint=default_ckpt, max_frames=20, max_upload_mb=1, max_pixels=1024 * 1024) as url:
+        yield url
+
+
+def frames(n: int = 4) -> list[bytes]:
+    return [encode(f) for f in synth_clip("left", frames=n)]
+
+
+def expect_error(r: httpx.Response, status: int, code: str, server: str) -> None:
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+    assert r.json()["error"]["message"]
+    assert httpx.get(f"{server}/v2/health/ready").status_code == 200  # still up and ready
+
+
+def test_corrupt_jpeg(server: str) -> None:
+    good = frames()
+    corrupt = good[1][:20] + b"\x00" * 50 + good[1][70:100]
+    r = httpx.post(f"{server}/predict", files=multipart_frames([good[0], corrupt, good[2]]))
+    expect_error(r, 400, "bad_input", server)
+    assert "frame 1" in r.json()["error"]["message"]
+
+
+def test_text_file_as_an_image(server: str) -> None:
+    files = [("frames", ("notes.txt", b"this is not an image at all\n" * 10, "text/plain"))]
+    expect_error(httpx.post(f"{server}/predict", files=files), 400, "bad_input", server)
+
+
+def test_zero_frames(server: str) -> None:
+    r = httpx.post(f"{server}/predict", files={"other": ("x.bin", b"123", "application/octet-stream")})
+    expect_error(r, 422, "wrong_shape", server)
+    expect_error(httpx.post(f"{server}/predict", json={"frames": []}), 422, "wrong_shape", server)
+
+
+def test_too_many_frames(server: str) -> None:
+    one = frames(1)[0]
+    r = httpx.post(f"{server}/predict", files=multipart_frames([one] * 21))
+    expect_error(r, 422, "wrong_shape", server)
+    assert "limit of 20" in r.json()["error"]["message"]
+
+
+def test_mixed_frame_sizes_are_resized_not_rejected(server: str) -> None:
+    clip = synth_clip("up", frames=4, size=64)
+    blobs = [
+        encode(clip[0]),
+        encode(np.ascontiguousarray(clip[1][:20, :50])),
+        encode(clip[2], "PNG"),
+        encode(np.ascontiguousarray(clip[3][:7, :9])),
+    ]
+    r = httpx.post(f"{server}/predict", files=multipart_frames(blobs))
+    assert r.status_code == 200, r.text
+    assert r.json()["frames"] == 4
+
+
+def test_oversized_upload(server: str) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
+    big = encode(noise, "PNG")  # about 1.4 MB, over the 1 MB limit
+    assert len(big) > 1024 * 1024
+    expect_error(httpx.post(f"{server}/predict", files=multipart_frames([big], "png")), 413, "too_large", server)
+
+
+def test_decompression_bomb(server: str) -> None:
+    buf = io.BytesIO()
+    Image.new("L", (12000, 12000)).save(buf, format="PNG")  # 144 Mpixel behind a small file
+    assert len(buf.getvalue()) < 1024 * 1024
+    r = httpx.post(f"{server}/predict", files=multipart_frames([buf.getvalue()], "png"))
+    expect_error(r, 413, "too_large", server)
+
+
+def test_wrong_content_type(server: str) -> None:
+    r = httpx.post(f"{server}/predict", content=b"hello", headers={"content-type": "text/plain"})
+    expect_error(r, 415, "unsupported_media_type", server)
+
+
+def test_invalid_json_and_base64(server: str) -> None:
+    r = httpx.post(f"{server}/predict", content=b"{not json", headers={"content-type": "application/json"})
+    expect_error(r, 400, "bad_input", server)
+    expect_error(httpx.post(f"{server}/predict", json={"frames": ["%%%"]}), 400, "bad_input", server)
+    expect_error(httpx.post(f"{server}/predict", json={"pictures": []}), 400, "bad_input", server)
+
+
+def test_corrupt_video(server: str) -> None:
+    r = httpx.post(
+        f"{server}/predict", files={"video": ("v.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x01" * 300, "video/mp4")}
+    )
+    expect_error(r, 400, "bad_input", server)
+
+
+def test_unknown_model(server: str) -> None:
+    expect_error(
+        httpx.post(f"{server}/models/nope/predict", files=multipart_frames(frames())), 404, "not_found", server
+    )
+
+
+def test_bad_query_parameter(server: str) -> None:
+    expect_error(
+        httpx.post(f"{server}/predict?top_k=0", files=multipart_frames(frames())), 422, "invalid_request", server
+    )
+
+
+def test_api_key(default_ckpt: Path) -> None:
+    with live_server(checkpoint=default_ckpt, api_key=KEY) as url:
+        files = multipart_frames(frames())
+        r = httpx.post(f"{url}/predict", files=files)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        r = httpx.post(f"{url}/predict", files=files, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["message"] == "wrong API key"
+        assert httpx.post(f"{url}/predict", files=files, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert httpx.post(f"{url}/predict", files=files, headers={"X-API-Key": KEY}).status_code == 200
+        assert httpx.get(f"{url}/models").status_code == 401
+        r = httpx.post(f"{url}/v2/models/moving-digits-lstm/infer", json={})
+        assert r.status_code == 401 and isinstance(r.json()["error"], str)
+        # Health and metrics stay open.
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+        assert httpx.get(f"{url}/v2/health/live").status_code == 200
+        assert httpx.get(f"{url}/metrics").status_code == 200

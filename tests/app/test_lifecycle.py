@@ -1,0 +1,140 @@
+"""Load, faults and shutdown through real servers: overload, timeouts, disconnects, SIGTERM, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.app.conftest import encode, live_server, metric_value, multipart_frames, spawn_server, synth_clip
+
+
+def slow_frames(n: int = 8) -> list[bytes]:
+    return [encode(f) for f in synth_clip("left", frames=n, size=64)]
+
+
+async def burst(url: str, count: int, timeout: float = 120) -> list[httpx.Response]:
+    files = multipart_frames(slow_frames())
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=count)) as client:
+        return await asyncio.gather(*(client.post(f"{url}/predict", files=files) for _ in range(count)))
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_overload_gives_503_with_retry_after_and_memory_stays_bounded(slow_checkpoint: Path) -> None:
+    with spawn_server("--checkpoint", str(slow_checkpoint), "--max-queue", "3", "--max-batch-size", "2") as (proc, url):
+        asyncio.run(burst(url, 4))  # warm the allocator before measuring
+        rss_before = rss_kb(proc.pid)
+        for _ in range(3):
+            responses = asyncio.run(burst(url, 40))
+            statuses = [r.status_code for r in responses]
+            assert set(statuses) <= {200, 503}, statuses
+            assert statuses.count(503) > 0 and statuses.count(200) >= 3
+            for r in responses:
+                if r.status_code == 503:
+                    assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "overloaded"
+        growth_mb = (rss_kb(proc.pid) - rss_before) / 1024
+        assert growth_mb < 200, f"RSS grew {growth_mb:.0f} MB over three bursts of 40 requests"
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+
+
+def test_queue_timeout_gives_504_and_disconnected_clients_are_dropped(slow_checkpoint: Path) -> None:
+    with live_server(checkpoint=slow_checkpoint, max_batch_size=1, request_timeout_s=0.3) as url:
+        statuses = [r.status_code for r in asyncio.run(burst(url, 12))]
+        assert 504 in statuses and 200 in statuses and set(statuses) <= {200, 504}
+        assert metric_value(httpx.get(f"{url}/metrics").text, "fusionserve_requests_total", status="504") > 0
+
+    with live_server(checkpoint=slow_checkpoint, max_batch_size=1) as url:
+
+        async def leave_early() -> None:
+            files = multipart_frames(slow_frames())
+            async with httpx.AsyncClient(timeout=60) as client:
+                keep = [asyncio.ensure_future(client.post(f"{url}/predict", files=files)) for _ in range(2)]
+                await asyncio.sleep(0.05)
+                async with httpx.AsyncClient(timeout=0.05) as impatient:
+                    gone = [impatient.post(f"{url}/predict", files=files) for _ in range(6)]
+                    await asyncio.gather(*gone, return_exceptions=True)
+                assert [r.status_code for r in await asyncio.gather(*keep)] == [200, 200]
+
+        asyncio.run(leave_early())
+        time.sleep(0.5)
+        text = httpx.get(f"{url}/metrics").text
+        dropped = metric_value(text, "fusionserve_dropped_clips_total", reason="cancelled")
+        computed = metric_value(text, "fusionserve_batch_size_sum")
+        assert dropped >= 1, "a clip whose client left should be dropped before compute"
+        assert computed <= 8 - dropped  # a dropped clip never reached the model
+
+
+def test_sigterm_answers_every_accepted_request(slow_checkpoint: Path) -> None:
+    with spawn_server("--checkpoint", str(slow_checkpoint), "--max-batch-size", "1", "--drain-s", "0.5") as (proc, url):
+
+        async def main() -> list[httpx.Response]:
+            files = multipart_frames(slow_frames())
+            async with httpx.AsyncClient(timeout=120) as client:
+                tasks = [asyncio.ensure_future(client.post(f"{url}/predict", files=files)) for _ in range(8)]
+                deadline = time.monotonic() + 30
+                while True:  # wait until the server has accepted all 8 (they sit in its queue or model)
+                    text = (await client.get(f"{url}/metrics")).text
+                    taken = metric_value(text, "fusionserve_batch_size_sum") + metric_value(
+                        text, "fusionserve_queue_depth"
+                    )
+                    if taken >= 8 or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.02)
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.1)
+                ready = await client.get(f"{url}/v2/health/ready")
+                assert ready.status_code == 503  # draining: not ready, still answering
+                late = await client.post(f"{url}/predict", files=files)
+                assert late.status_code == 503 and late.json()["error"]["code"] == "not_ready"
+                return await asyncio.gather(*tasks)
+
+        responses = asyncio.run(main())
+        assert [r.status_code for r in responses] == [200] * 8
+        # uvicorn re-raises the signal once shutdown is complete, so the exit status is "killed by SIGTERM".
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        log = proc.stdout.read() if proc.stdout else ""
+        assert "answering accepted requests" in log and "Finished server process" in log
+
+
+def test_cli_flags_and_help() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "app", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for flag in (
+        "--checkpoint",
+        "--device",
+        "--max-batch-size",
+        "--max-batch-frames",
+        "--max-batch-delay-ms",
+        "--max-queue",
+        "--request-timeout-s",
+        "--max-frames",
+        "--max-upload-mb",
+        "--api-key",
+        "--host",
+        "--port",
+    ):
+        assert flag in out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "app", "--max-batch-size", "0"], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2 and "max_batch_size" in bad.stderr
+
+
+def test_env_variables_configure_the_server(default_ckpt: Path) -> None:
+    env = {"FUSIONSERVE_MAX_BATCH_SIZE": "3", "FUSIONSERVE_MAX_QUEUE": "17"}
+    with spawn_server(env=env) as (_, url):
+        info = httpx.get(f"{url}/models/moving-digits-lstm").json()
+        assert info["batching"]["max_batch_size"] == 3 and info["batching"]["max_queue"] == 17
+        assert "moving-digits-lstm" in httpx.get(f"{url}/metrics").text
