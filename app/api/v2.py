@@ -181,7 +181,52 @@ def encode_output(
     return out, b""
 
 
-@router.post("/models/{name}/infer", summary="Inference (JSON, or JSON header + binary tensors)")
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"type": "object"},
+                "example": {
+                    "id": "42",
+                    "inputs": [{"name": INPUT, "datatype": "UINT8", "shape": [1, 2, 2, 2, 3], "data": [0] * 24}],
+                    "outputs": [{"name": OUTPUT, "parameters": {"classification": 3}}],
+                },
+            },
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "JSON header (length in Inference-Header-Content-Length), then the raw tensors; "
+                "inputs carry parameters.binary_data_size",
+            },
+        },
+    },
+    "responses": {
+        "200": {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "model_name": "moving-digits-lstm",
+                        "model_version": "1",
+                        "id": "42",
+                        "outputs": [
+                            {
+                                "name": OUTPUT,
+                                "datatype": "BYTES",
+                                "shape": [1, 3],
+                                "data": ["0.970000:0:left", "0.010000:1:right", "0.004000:2:up"],
+                            }
+                        ],
+                    }
+                }
+            }
+        }
+    },
+}
+
+
+@router.post(
+    "/models/{name}/infer", summary="Inference (JSON, or JSON header + binary tensors)", openapi_extra=_INFER_BODY
+)
 @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
 async def infer(name: str, request: Request, service: ServiceDep, version: str | None = None) -> Response:
     if service.draining or not service.ready:
