@@ -64,7 +64,8 @@ class _Pending:
     loop: asyncio.AbstractEventLoop
     enqueued: float
     deadline: float
-    cancelled: bool = field(default=False)
+    cancelled: bool = field(default=False)  # written under the batcher's lock
+    started: bool = field(default=False)  # written under the batcher's lock
 
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -106,24 +107,47 @@ class Batcher:
 
     async def submit(self, clip: torch.Tensor) -> Result:
         """Queue one clip (T, C, H, W) and wait for its probabilities."""
+        [result] = await self.submit_many([clip])
+        return result
+
+    async def submit_many(self, clips: list[torch.Tensor]) -> list[Result]:
+        """Queue clips all together or not at all, and wait for each one's probabilities.
+
+        The deadline covers waiting in the queue only: a clip whose batch has started
+        is answered even if the batch ends after the deadline.
+        """
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        pending = _Pending(clip, loop.create_future(), loop, now, now + self.timeout_s)
+        pending = [_Pending(c, loop.create_future(), loop, now, now + self.timeout_s) for c in clips]
         with self._cond:
             if self._closing:
                 raise Closed(f"model {self.name} is shutting down")
-            if len(self._queue) >= self.max_queue:
+            if len(self._queue) + len(pending) > self.max_queue:
                 raise Overloaded(f"model {self.name} has {len(self._queue)} clips queued (limit {self.max_queue})")
-            self._queue.append(pending)
+            self._queue.extend(pending)
             self._cond.notify()
         try:
-            return await asyncio.wait_for(pending.future, self.timeout_s)
-        except TimeoutError:
-            pending.cancelled = True
-            raise TimedOut(f"no result within {self.timeout_s:g} s") from None
-        except asyncio.CancelledError:  # the caller went away
-            pending.cancelled = True
+            return [await self._wait(p) for p in pending]
+        except BaseException:  # timed out, failed, or the caller went away: withdraw what is still queued
+            self._withdraw(pending)
             raise
+
+    async def _wait(self, pending: _Pending) -> Result:
+        left = pending.deadline - time.perf_counter()
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending.future), max(left, 0.0))
+        except TimeoutError:
+            with self._cond:
+                running = pending.started
+            if running:
+                return await pending.future
+            raise TimedOut(f"waited more than {self.timeout_s:g} s in the queue") from None
+
+    def _withdraw(self, pending: list[_Pending]) -> None:
+        with self._cond:
+            for p in pending:
+                if not p.started:
+                    p.cancelled = True
 
     async def close(self) -> None:
         with self._cond:
@@ -139,8 +163,12 @@ class Batcher:
             batch = self._collect()
             if batch is None:
                 return
-            if batch:
+            try:
                 self._execute(batch)
+            except Exception as exc:  # never let the worker die with clips in hand
+                log.exception("batcher %s: unexpected error", self.name)
+                for pending in batch:
+                    self._settle(pending, exc=InferenceFailed(f"internal error: {exc}"))
 
     def _collect(self) -> list[_Pending] | None:
         with self._cond:
@@ -167,6 +195,7 @@ class Batcher:
                 n = head.clip.shape[0]
                 if batch and frames + n > self.max_batch_frames:
                     break
+                head.started = True
                 batch.append(self._queue.popleft())
                 frames += n
             return batch
@@ -187,6 +216,8 @@ class Batcher:
             frames = torch.cat([p.clip for p in batch])  # (N, C, H, W)
             lengths = torch.tensor([p.clip.shape[0] for p in batch])
             probs = self._forward(frames, lengths)  # (B, K)
+            if probs.shape[0] != len(batch):
+                raise RuntimeError(f"the model returned {probs.shape[0]} rows for {len(batch)} clips")
         except Exception as exc:
             if len(batch) == 1:
                 log.warning("model %s failed on a clip of %d frames: %s", self.name, batch[0].clip.shape[0], exc)
@@ -197,9 +228,9 @@ class Batcher:
                 self._execute([pending])
             return
         spent = time.perf_counter() - started
-        self._on_batch(BatchStats(len(batch), int(lengths.sum()), [started - p.enqueued for p in batch], spent))
         for pending, row in zip(batch, probs, strict=True):
             self._settle(pending, Result(row, started - pending.enqueued, spent, len(batch)))
+        self._on_batch(BatchStats(len(batch), int(lengths.sum()), [started - p.enqueued for p in batch], spent))
 
     @staticmethod
     def _settle(pending: _Pending, result: Result | None = None, exc: Exception | None = None) -> None:

@@ -11,7 +11,6 @@ import base64
 import binascii
 import io
 import itertools
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,24 +43,22 @@ def decode_image(data: bytes, limits: InputLimits, index: int) -> np.ndarray:
     """One encoded image -> uint8 (H, W, C) at the model's size."""
     if not data:
         raise bad_input(f"frame {index} is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data))
-            if opened.format not in IMAGE_FORMATS:
-                raise bad_input(f"frame {index} is {opened.format}; send JPEG, PNG, WebP or BMP")
-            w, h = opened.size
-            if w * h > limits.max_pixels:
-                raise too_large(f"frame {index} is {w}x{h}, more than {limits.max_pixels} pixels")
-            mode = "RGB" if limits.channels == 3 else "L"
-            opened.draft(mode, (limits.width, limits.height))  # JPEG: decode at a reduced scale
-            img = opened.convert(mode)
-            if img.size != (limits.width, limits.height):
-                img = img.resize((limits.width, limits.height), Image.Resampling.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
+    try:  # the explicit pixel check guards against decompression bombs before any pixel is decoded
+        opened = Image.open(io.BytesIO(data))
+        if opened.format not in IMAGE_FORMATS:
+            raise bad_input(f"frame {index} is {opened.format}; send JPEG, PNG, WebP or BMP")
+        w, h = opened.size
+        if w * h > limits.max_pixels:
+            raise too_large(f"frame {index} is {w}x{h}, more than {limits.max_pixels} pixels")
+        mode = "RGB" if limits.channels == 3 else "L"
+        opened.draft(mode, (limits.width, limits.height))  # JPEG: decode at a reduced scale
+        img = opened.convert(mode)
+        if img.size != (limits.width, limits.height):
+            img = img.resize((limits.width, limits.height), Image.Resampling.BILINEAR)
+        arr = np.asarray(img, dtype=np.uint8)
     except ApiError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, past twice its pixel limit
         raise too_large(f"frame {index} is a decompression bomb ({exc})") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise bad_input(f"frame {index} is not a decodable image ({exc})") from exc
@@ -138,20 +135,18 @@ def decode_video(data: bytes, limits: InputLimits, frames: int | None = None) ->
 
 
 def tensor_to_clips(array: np.ndarray, limits: InputLimits) -> list[torch.Tensor]:
-    """A KServe ``frames`` tensor uint8 (B, T, H, W, C) -> B clips (T, C, H', W') at the model's size."""
-    if array.ndim != 5 or array.shape[-1] != limits.channels:
-        raise wrong_shape(f"frames must have shape [B, T, H, W, {limits.channels}], got {list(array.shape)}")
-    B, T, H, W, C = array.shape
-    if B == 0:
-        raise wrong_shape("frames has an empty batch dimension")
-    check_count(T, limits)
-    if limits.max_pixels < H * W:
-        raise too_large(f"frames are {W}x{H}, more than {limits.max_pixels} pixels")
+    """A validated KServe ``frames`` tensor uint8 (B, T, H, W, C) -> B clips (T, C, H', W') at the model's size.
+
+    Frames of another size are resized one clip at a time, so the float copy stays one clip large.
+    """
+    height, width = array.shape[2:4]
     clips = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 1, 4, 2, 3)  # (B, T, C, H, W)
-    if (limits.height, limits.width) != (H, W):
-        flat = clips.reshape(B * T, C, H, W).float()
-        flat = torch.nn.functional.interpolate(
-            flat, size=(limits.height, limits.width), mode="bilinear", antialias=True, align_corners=False
+    if (limits.height, limits.width) == (height, width):
+        return list(clips.unbind(0))
+    resized = []
+    for clip in clips.unbind(0):  # (T, C, H, W)
+        out = torch.nn.functional.interpolate(
+            clip.float(), size=(limits.height, limits.width), mode="bilinear", antialias=True, align_corners=False
         )
-        clips = flat.round().clamp(0, 255).to(torch.uint8).reshape(B, T, C, limits.height, limits.width)
-    return list(clips.unbind(0))
+        resized.append(out.round().clamp(0, 255).to(torch.uint8))
+    return resized

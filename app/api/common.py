@@ -9,7 +9,7 @@ import torch
 from fastapi import Request
 
 from app.batcher import Batcher, Closed, InferenceFailed, Overloaded, Result, TimedOut
-from app.errors import not_ready, overloaded, timed_out, wrong_shape
+from app.errors import ApiError, not_ready, overloaded, timed_out
 
 
 class ClientGone(Exception):
@@ -31,20 +31,19 @@ def _consume(future: asyncio.Future[Any]) -> None:
 
 async def run_clips(request: Request, batcher: Batcher, clips: list[torch.Tensor]) -> list[Result]:
     """Queue ``clips``; if the client disconnects first, withdraw them (dropped before compute)."""
-    tasks = [asyncio.ensure_future(batcher.submit(clip)) for clip in clips]
-    everything = asyncio.gather(*tasks)
+    task = asyncio.ensure_future(batcher.submit_many(clips))
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        waiting: set[asyncio.Future[object]] = {everything, watcher}  # type: ignore[arg-type]
+        waiting: set[asyncio.Future[Any]] = {task, watcher}
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-    if everything not in done:
-        everything.cancel()
-        everything.add_done_callback(_consume)
+    if task not in done:
+        task.cancel()
+        task.add_done_callback(_consume)
         raise ClientGone()
     try:
-        return everything.result()
+        return task.result()
     except Overloaded as exc:
         raise overloaded(str(exc)) from exc
     except Closed as exc:
@@ -52,7 +51,4 @@ async def run_clips(request: Request, batcher: Batcher, clips: list[torch.Tensor
     except TimedOut as exc:
         raise timed_out(str(exc)) from exc
     except InferenceFailed as exc:
-        raise wrong_shape(f"the model could not process this clip: {exc}") from exc
-    finally:
-        for task in tasks:  # after a failure, withdraw the request's other clips too
-            task.cancel()
+        raise ApiError(422, "inference_failed", f"the model could not process this clip: {exc}") from exc

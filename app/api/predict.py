@@ -12,6 +12,7 @@ import torch
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from app.api.common import ClientGone, run_clips
 from app.deps import ServiceDep, require_api_key
@@ -79,9 +80,14 @@ async def read_clip(request: Request, service: Service, served: ServedModel, fra
     limits = served.limits
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        form = await request.form(
-            max_files=limits.max_frames + 1, max_fields=16, max_part_size=service.settings.max_upload_bytes
-        )
+        try:
+            form = await request.form(
+                max_files=limits.max_frames + 1, max_fields=16, max_part_size=service.settings.max_upload_bytes
+            )
+        except HTTPException as exc:  # python-multipart's limits and parse errors, via Starlette
+            if "Too many files" in str(exc.detail):
+                raise wrong_shape(f"more frames than the limit of {limits.max_frames}") from exc
+            raise bad_input(f"the multipart body could not be parsed ({exc.detail})") from exc
         try:
             parts, videos = form.getlist("frames"), form.getlist("video")
             if parts and videos:
@@ -104,8 +110,8 @@ async def read_clip(request: Request, service: Service, served: ServedModel, fra
     if content_type == "application/json":
         try:
             body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise bad_input(f"the body is not valid JSON ({exc})") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise bad_input(f"the body is not valid JSON ({type(exc).__name__})") from exc
         if not isinstance(body, dict) or not ({"frames", "video"} & set(body)):
             raise bad_input('the JSON body must be {"frames": ["<base64 image>", ...]} or {"video": "<base64>"}')
         if "video" in body:

@@ -10,6 +10,9 @@ classification extension (``"classification": k`` on an output gives BYTES
 from __future__ import annotations
 
 import json
+import math
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,8 +23,8 @@ from fastapi.responses import JSONResponse, Response
 from app import __version__
 from app.api.common import ClientGone, run_clips
 from app.deps import ServiceDep, require_api_key
-from app.errors import bad_input, not_found, not_ready, wrong_shape
-from app.preprocess import tensor_to_clips
+from app.errors import bad_input, not_found, not_ready, too_large, wrong_shape
+from app.preprocess import InputLimits, check_count, tensor_to_clips
 from app.state import ServedModel, Service
 
 HEADER = "inference-header-content-length"
@@ -83,9 +86,25 @@ async def model_ready(name: str, service: ServiceDep, version: str | None = None
     return JSONResponse({"name": served.runtime.name, "ready": ok}, status_code=200 if ok else 503)
 
 
+@dataclass(frozen=True)
+class InferRequest:
+    array: np.ndarray  # uint8 (B, T, H, W, C)
+    binary_output: bool
+    classification: int | None
+    id: Any
+
+
+def parse_infer(body: bytes, header_length: str | None, limits: InputLimits, max_clips: int) -> InferRequest:
+    """Validate a whole v2 inference request (runs on the decode threads, off the event loop)."""
+    request, binary = parse_request(body, header_length)
+    array = input_array(request, binary, limits, max_clips)
+    binary_output, classification = output_options(request)
+    return InferRequest(array, binary_output, classification, request.get("id"))
+
+
 def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not re.fullmatch(r"[0-9]{1,12}", header_length) or int(header_length) > len(body):
             raise bad_input(
                 f"Inference-Header-Content-Length {header_length!r} does not fit a body of {len(body)} bytes"
             )
@@ -95,14 +114,23 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any
         head, binary = body, b""
     try:
         request = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_input(f"the inference request is not valid JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise bad_input(f"the inference request is not valid JSON ({type(exc).__name__})") from exc
     if not isinstance(request, dict):
         raise bad_input("the inference request must be a JSON object")
     return request, binary
 
 
-def input_array(request: dict[str, Any], binary: bytes) -> np.ndarray:
+def parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise bad_input(f"parameters of {where} must be a JSON object")
+    return params
+
+
+def input_array(request: dict[str, Any], binary: bytes, limits: InputLimits, max_clips: int) -> np.ndarray:
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise wrong_shape(f"send exactly one input, {INPUT!r}")
@@ -112,12 +140,22 @@ def input_array(request: dict[str, Any], binary: bytes) -> np.ndarray:
     if spec.get("datatype") != "UINT8":
         raise wrong_shape(f"input {INPUT!r} must be UINT8, got {spec.get('datatype')!r}")
     shape = spec.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise wrong_shape(f"input shape must be a list of non-negative integers, got {shape!r}")
-    count = int(np.prod(shape)) if shape else 1
-    size = (spec.get("parameters") or {}).get("binary_data_size")
+    if not isinstance(shape, list) or len(shape) != 5 or not all(type(d) is int and d >= 0 for d in shape):
+        raise wrong_shape(f"input shape must be [B, T, H, W, {limits.channels}] of integers >= 0, got {shape!r}")
+    clips, frames, height, width, channels = shape
+    if channels != limits.channels:
+        raise wrong_shape(f"frames must have {limits.channels} channels, got {channels}")
+    if clips == 0 or height == 0 or width == 0:
+        raise wrong_shape(f"input shape {shape} has an empty dimension")
+    if clips > max_clips:
+        raise too_large(f"a batch of {clips} clips is more than the {max_clips} this model queues; split it")
+    check_count(frames, limits)
+    if height * width > limits.max_pixels:
+        raise too_large(f"frames are {width}x{height}, more than {limits.max_pixels} pixels")
+    count = math.prod(shape)
+    size = parameters(spec, f"input {INPUT!r}").get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size != count or size > len(binary):
+        if type(size) is not int or size != count or size > len(binary):
             raise wrong_shape(
                 f"binary_data_size {size!r} does not match shape {shape} ({count} bytes) "
                 f"or the {len(binary)} bytes sent"
@@ -132,14 +170,14 @@ def input_array(request: dict[str, Any], binary: bytes) -> np.ndarray:
         raise bad_input(f"input data must be integers ({exc})") from exc
     if flat.size != count:
         raise wrong_shape(f"input has {flat.size} values but shape {shape} needs {count}")
-    if flat.size and (flat.min() < 0 or flat.max() > 255):
+    if flat.min() < 0 or flat.max() > 255:
         raise bad_input("UINT8 input values must be in 0..255")
     return flat.astype(np.uint8).reshape(shape)
 
 
 def output_options(request: dict[str, Any]) -> tuple[bool, int | None]:
     """(binary output?, classification top-k or None) for the ``probabilities`` output."""
-    binary = bool((request.get("parameters") or {}).get("binary_data_output", False))
+    binary = bool(parameters(request, "the request").get("binary_data_output", False))
     classification = None
     outputs = request.get("outputs") or []
     if not isinstance(outputs, list):
@@ -149,11 +187,11 @@ def output_options(request: dict[str, Any]) -> tuple[bool, int | None]:
             raise wrong_shape(
                 f"unknown output {out.get('name') if isinstance(out, dict) else out!r}; this model gives {OUTPUT!r}"
             )
-        params = out.get("parameters") or {}
+        params = parameters(out, f"output {OUTPUT!r}")
         binary = bool(params.get("binary_data", binary))
         if params.get("classification") is not None:
             k = params["classification"]
-            if not isinstance(k, int) or k < 1:
+            if type(k) is not int or k < 1:
                 raise bad_input(f"classification must be a positive integer, got {k!r}")
             classification = k
     return binary, classification
@@ -232,23 +270,24 @@ async def infer(name: str, request: Request, service: ServiceDep, version: str |
     if service.draining or not service.ready:
         raise not_ready("the server is not ready" if not service.draining else "the server is shutting down")
     served = served_version(service, name, version)
-    body_json, binary = parse_request(await request.body(), request.headers.get(HEADER))
-    array = input_array(body_json, binary)
-    want_binary, classification = output_options(body_json)
-    clips: list[torch.Tensor] = await service.in_pool(tensor_to_clips, array, served.limits)
+    body = await request.body()
+    req: InferRequest = await service.in_pool(
+        parse_infer, body, request.headers.get(HEADER), served.limits, served.batcher.max_queue
+    )
+    clips: list[torch.Tensor] = await service.in_pool(tensor_to_clips, req.array, served.limits)
     try:
         results = await run_clips(request, served.batcher, clips)
     except ClientGone:
         return Response(status_code=499)
     probs = torch.stack([r.probabilities for r in results]).numpy()
-    output, raw = encode_output(probs, served.runtime.labels, want_binary, classification)
+    output, raw = encode_output(probs, served.runtime.labels, req.binary_output, req.classification)
     reply: dict[str, Any] = {
         "model_name": served.runtime.name,
         "model_version": served.runtime.version,
         "outputs": [output],
     }
-    if "id" in body_json:
-        reply["id"] = body_json["id"]
+    if req.id is not None:
+        reply["id"] = req.id
     head = json.dumps(reply).encode()
     if not raw:
         return Response(head, media_type="application/json")

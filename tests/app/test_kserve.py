@@ -121,3 +121,75 @@ def test_binary_header_length_mismatch(server: str) -> None:
         headers={"Inference-Header-Content-Length": "999", "Content-Type": "application/octet-stream"},
     )
     assert r.status_code == 400 and "Inference-Header-Content-Length" in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "frames",
+                        "shape": [1, 1, 2, 2, 3],
+                        "datatype": "UINT8",
+                        "data": [0] * 12,
+                        "parameters": "x",
+                    }
+                ]
+            },
+            400,
+        ),
+        (
+            {
+                "inputs": [{"name": "frames", "shape": [1, 1, 2, 2, 3], "datatype": "UINT8", "data": [0] * 12}],
+                "parameters": [1],
+            },
+            400,
+        ),
+        (
+            {
+                "inputs": [{"name": "frames", "shape": [1, 1, 2, 2, 3], "datatype": "UINT8", "data": [0] * 12}],
+                "outputs": [{"name": "probabilities", "parameters": 3}],
+            },
+            400,
+        ),
+        ({"inputs": [{"name": "frames", "shape": [1, 1, 0, 0, 3], "datatype": "UINT8", "data": []}]}, 422),
+        ({"inputs": [{"name": "frames", "shape": [True, True, 2, 2, 3], "datatype": "UINT8", "data": [0] * 12}]}, 422),
+        ({"inputs": [{"name": "frames", "shape": [1, 1, 2**32, 2**32, 3], "datatype": "UINT8", "data": []}]}, 413),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "frames",
+                        "shape": [100000, 1, 1, 1, 3],
+                        "datatype": "UINT8",
+                        "parameters": {"binary_data_size": 300000},
+                    }
+                ]
+            },
+            413,
+        ),
+        ({"inputs": "frames"}, 422),
+        ({"inputs": [{"name": "frames", "shape": [1, 1, 2, 2, 3], "datatype": "UINT8", "data": [[0, 1], "x"]}]}, 400),
+    ],
+)
+def test_malformed_requests_get_4xx_not_500(server: str, body: dict, status: int) -> None:
+    r = httpx.post(f"{server}/v2/models/{MODEL}/infer", json=body)
+    assert r.status_code == status, r.text
+    assert isinstance(r.json()["error"], str)
+
+
+def test_hostile_bodies_get_400(server: str) -> None:
+    deep = b"[" * 100_000
+    r = httpx.post(f"{server}/v2/models/{MODEL}/infer", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    r = httpx.post(
+        f"{server}/v2/models/{MODEL}/infer",
+        content=b'{"inputs": []}',
+        headers=[(b"Inference-Header-Content-Length", "\u00b2".encode("latin-1"))],
+    )
+    assert r.status_code == 400, r.text
+    r = httpx.post(f"{server}/predict", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_input"
+    assert httpx.get(f"{server}/v2/health/ready").status_code == 200
