@@ -44,18 +44,51 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int)
     fit.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     fit.add_argument("--workers", type=int, help="DataLoader worker processes")
+    fit.add_argument("--eval-clips", type=int, help="temporal clips per video averaged at evaluation")
+    fit.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random resized crop and horizontal flip (see --hflip)",
+    )
+    fit.add_argument(
+        "--hflip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="flip in augmentation (turn off where left and right differ)",
+    )
+    fit.add_argument(
+        "--repeat-short",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="repeat frames of clips shorter than --frames",
+    )
     fit.add_argument("--name", help="model name stored in the checkpoint (default: the output file's stem)")
     fit.add_argument("--resume", type=Path, help="training state file (<out>.train-state.safetensors) to continue from")
     fit.add_argument("--log", type=Path, help="JSON-lines metrics log (default: <out>.log.jsonl)")
     fit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    ev = sub.add_parser("evaluate", help="measure a checkpoint on a dataset split")
+    ev = sub.add_parser("evaluate", help="measure a checkpoint: report.json, confusion.png, curves.png")
     ev.add_argument("checkpoint", type=Path)
-    ev.add_argument("--data", required=True, type=Path)
-    ev.add_argument("--split", default="test")
-    ev.add_argument("--out", type=Path, help="folder for report.json")
+    ev.add_argument("data_pos", nargs="?", type=Path, metavar="DATA", help="dataset folder (or use --data)")
+    ev.add_argument("--data", type=Path, help="dataset folder")
+    ev.add_argument("--split", default="test", help="split to measure (default test)")
+    ev.add_argument("--out", type=Path, help="folder for report.json and the plots (default: print only)")
+    ev.add_argument(
+        "--log", type=Path, help="the run's JSON-lines log for curves.png (default: <checkpoint>.log.jsonl)"
+    )
+    ev.add_argument("--eval-clips", type=int, default=1, help="temporal clips per video, logits averaged")
     ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     ev.add_argument("--device", default="auto")
+
+    scan = sub.add_parser("scan", help="count clips per split and class; report unreadable or empty files")
+    scan.add_argument("--data", required=True, type=Path)
+
+    export = sub.add_parser("export", help="export a checkpoint (ONNX) and check it against PyTorch")
+    export.add_argument("checkpoint", type=Path)
+    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    export.add_argument("--out", required=True, type=Path)
     return parser
 
 
@@ -113,30 +146,75 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from torch.utils.data import DataLoader
-
     from models import load_checkpoint
-    from training.data import FrameFolderDataset, collate_ragged
-    from training.evaluate import evaluate
-    from training.fit import pick_device
+    from training.config import TrainConfig
+    from training.data import ClipDataset
+    from training.evaluate import full_report, predict, write_report
+    from training.fit import Dist, EpochLoaders, pick_device
 
+    data = args.data or args.data_pos
+    if data is None:
+        raise ValueError("give the dataset folder (DATA or --data)")
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, device=device)
     spec = ckpt.input
-    ds = FrameFolderDataset(
-        args.data,
+    ds = ClipDataset(
+        data,
         args.split,
         image_size=spec["height"],
         frames=spec["frames"],
         channels=spec["channels"],
         labels=ckpt.labels,
+        repeat_short=ckpt.metadata["training"].get("config", {}).get("repeat_short", False),
     )
-    loader = DataLoader(ds, batch_size=args.batch_size, collate_fn=collate_ragged)
-    report = {"checkpoint": str(args.checkpoint), "split": args.split, **evaluate(ckpt.model, loader, device)}
+    cfg = TrainConfig(batch_size=args.batch_size, workers=args.workers, eval_clips=args.eval_clips)
+    loaders = EpochLoaders(cfg, Dist(), device)
+    runs = []
+    for k in range(args.eval_clips):
+        ds.clip_offset = None if args.eval_clips == 1 else (k + 0.5) / args.eval_clips
+        runs.append(predict(ckpt.model, loaders(ds, shuffle=False), device))
+    logits = sum(r.logits for r in runs) / len(runs)
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "model": ckpt.name,
+        "data": str(data),
+        "split": args.split,
+        "eval_clips": args.eval_clips,
+        **full_report(logits, runs[0].targets, ckpt.labels),
+        "skipped": {
+            "count": len(runs[0].skipped) + len(ds.problems),
+            "files": ds.problems + [f"{s.path}: {s.reason}" for s in runs[0].skipped],
+        },
+    }
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report))
+        log_path = args.log or args.checkpoint.with_suffix(".log.jsonl")
+        report["files"] = [str(p) for p in write_report(report, args.out, log_path)]
+    print(json.dumps({k: v for k, v in report.items() if k not in ("per_class", "confusion_matrix")}))
+    return 0
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from training.data import scan_report
+
+    report = scan_report(args.data)
+    for split, info in report["splits"].items():
+        print(f"{split}: {info['clips']} readable clips")
+        for label in report["labels"]:
+            print(f"  {label}: {info['per_class'].get(label, 0)}")
+        for problem in info["problems"]:
+            print(f"  unreadable: {problem}")
+    print(
+        json.dumps(
+            {split: {"clips": i["clips"], "problems": len(i["problems"])} for split, i in report["splits"].items()}
+        )
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.export import export
+
+    print(json.dumps(export(args.checkpoint, args.out, args.format)))
     return 0
 
 
@@ -148,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     tune_malloc()
-    commands = {"synth": cmd_synth, "fit": cmd_fit, "evaluate": cmd_evaluate}
+    commands = {"synth": cmd_synth, "fit": cmd_fit, "evaluate": cmd_evaluate, "scan": cmd_scan, "export": cmd_export}
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as exc:

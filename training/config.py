@@ -36,6 +36,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     workers: int = 0
+    augment: bool = False  # random resized crop (+ horizontal flip unless hflip = false)
+    hflip: bool = True  # off for tasks where left and right differ (moving digits)
+    repeat_short: bool = False  # repeat frames of clips shorter than `frames` (default: keep them short)
+    eval_clips: int = 1  # temporal clips per video averaged at evaluation
+    preload: bool | None = None  # decode frame datasets into memory once (default: when small)
     name: str | None = None  # model name in the checkpoint; default: the output file's stem
     version: str = "1"
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -51,6 +56,7 @@ class TrainConfig:
             "warmup_epochs": self.warmup_epochs >= 0,
             "grad_clip": self.grad_clip > 0,
             "workers": self.workers >= 0,
+            "eval_clips": self.eval_clips >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

@@ -1,9 +1,14 @@
-"""The training loop behind ``python -m training fit``.
+"""The training loop behind ``python -m training fit``, on one process or under ``torchrun``.
 
 AdamW with a linear warm-up then cosine decay per step, gradient clipping, bf16
 autocast on CUDA, seeded shuffling, best-on-validation saving, early stopping, and
 resumable state. Per-epoch metrics go to a JSON-lines log; the final checkpoint holds
 the best weights with their test-split metrics.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank trains on its shard of the train
+split (DistributedSampler) with gradients averaged by DDP (gloo on CPU, NCCL on CUDA);
+validation and test predictions of all ranks are gathered, so metrics cover every clip
+exactly once; rank 0 alone logs and saves.
 """
 
 from __future__ import annotations
@@ -11,25 +16,30 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import subprocess
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from models import FusedClassifier, InputSpec, build_model, load_checkpoint, profile_model, save_checkpoint
 from training.config import TrainConfig
-from training.data import FrameFolderDataset, collate_ragged, dataset_name, read_labels
-from training.evaluate import evaluate
+from training.data import Augment, Batch, ClipDataset, collate_ragged, dataset_name, read_labels, seed_worker
+from training.evaluate import Predictions, classification_metrics, predict
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,39 @@ class FitResult:
     epochs_run: int
     best_epoch: int
     wall_time_s: float
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a (possibly single-process) run."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """Join the torchrun group when ``WORLD_SIZE`` > 1; pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), pick_device(device_name)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local), device
 
 
 def pick_device(name: str) -> torch.device:
@@ -81,18 +124,105 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def make_loader(
-    ds: FrameFolderDataset, cfg: TrainConfig, *, shuffle: bool, epoch: int, device: torch.device
+    ds: ClipDataset, cfg: TrainConfig, rank: Dist, *, shuffle: bool, epoch: int, device: torch.device
 ) -> DataLoader[Any]:
+    """A loader for one epoch. Single process: a seeded shuffle. Under DDP (or with workers): a sampler."""
+    sampler = None
+    if rank.active or cfg.workers > 0:
+        sampler = DistributedSampler(ds, num_replicas=rank.world, rank=rank.rank, shuffle=shuffle, seed=cfg.seed)
+        sampler.set_epoch(epoch)
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     return DataLoader(
         ds,
         batch_size=cfg.batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         generator=gen,
         collate_fn=collate_ragged,
         num_workers=cfg.workers,
         pin_memory=device.type == "cuda",
+        worker_init_fn=seed_worker,
+        persistent_workers=cfg.workers > 0,
     )
+
+
+class EpochLoaders:
+    """Loaders per dataset; with worker processes one is kept for the whole run (persistent
+    workers, each seeded by ``seed_worker``) and only its sampler is reseeded each epoch."""
+
+    def __init__(self, cfg: TrainConfig, rank: Dist, device: torch.device) -> None:
+        self.cfg, self.rank, self.device = cfg, rank, device
+        self._kept: dict[tuple[int, bool], tuple[ClipDataset, DataLoader[Any]]] = {}
+
+    def __call__(self, ds: ClipDataset, *, shuffle: bool, epoch: int = 0) -> DataLoader[Any]:
+        kept = self._kept.get((id(ds), shuffle))
+        if kept is not None:
+            loader = kept[1]
+            if isinstance(loader.sampler, DistributedSampler):
+                loader.sampler.set_epoch(epoch)
+            return loader
+        loader = make_loader(ds, self.cfg, self.rank, shuffle=shuffle, epoch=epoch, device=self.device)
+        if self.cfg.workers > 0:
+            self._kept[(id(ds), shuffle)] = (ds, loader)  # holding ds keeps its id unique
+        return loader
+
+
+def gather_predictions(pred: Predictions, rank: Dist) -> tuple[Predictions, list[int]]:
+    """All ranks' predictions, each dataset clip once (DistributedSampler pads shards), and clips per rank."""
+    if not rank.active:
+        return pred, [len(pred.targets)]
+    parts: list[Any] = [None] * rank.world
+    dist.all_gather_object(parts, (pred.logits, pred.targets, pred.indices, pred.skipped))
+    seen: dict[int, tuple[np.ndarray, int]] = {}
+    skipped = []
+    for logits, targets, indices, skip in parts:
+        skipped += skip
+        for row, target, index in zip(logits, targets, indices, strict=True):
+            seen.setdefault(int(index), (row, int(target)))
+    order = sorted(seen)
+    merged = Predictions(
+        np.stack([seen[i][0] for i in order]),
+        np.array([seen[i][1] for i in order]),
+        np.array(order),
+        sorted(set(skipped), key=lambda s: s.path),
+    )
+    return merged, [len(p[1]) for p in parts]
+
+
+def measure(
+    model: torch.nn.Module, ds: ClipDataset, loaders: EpochLoaders, num_classes: int
+) -> tuple[dict[str, Any], list[str]]:
+    """Metrics over every clip of ``ds`` (all ranks' shards), and the unreadable clips met."""
+    cfg, rank, device = loaders.cfg, loaders.rank, loaders.device
+    runs = []
+    for k in range(cfg.eval_clips):  # multi-clip evaluation: shifted segment positions, averaged logits
+        ds.clip_offset = None if cfg.eval_clips == 1 else (k + 0.5) / cfg.eval_clips
+        local = predict(model, loaders(ds, shuffle=False), device)
+        runs.append(gather_predictions(local, rank))
+    ds.clip_offset = None
+    pred, per_rank = runs[0]
+    logits = np.mean([p.logits for p, _ in runs], axis=0) if len(runs) > 1 else pred.logits
+    metrics = classification_metrics(logits, pred.targets, num_classes)
+    if rank.active:
+        metrics["clips_per_rank"] = per_rank
+    return metrics, sorted({s.path for s in pred.skipped})
+
+
+def batches(loader: DataLoader[Any], desc: str, show: bool) -> Iterator[Batch]:
+    yield from tqdm(loader, desc=desc, disable=not show, leave=False)
+
+
+def build_datasets(data: Path, cfg: TrainConfig, labels: list[str]) -> tuple[ClipDataset, ClipDataset]:
+    common: dict[str, Any] = {
+        "image_size": cfg.image_size,
+        "frames": cfg.frames,
+        "labels": labels,
+        "repeat_short": cfg.repeat_short,
+        "seed": cfg.seed,
+        "preload": cfg.preload,
+    }
+    augment = Augment(hflip=cfg.hflip) if cfg.augment else None
+    return ClipDataset(data, "train", train=True, augment=augment, **common), ClipDataset(data, "val", **common)
 
 
 def fit(
@@ -104,23 +234,22 @@ def fit(
     log_path: str | Path | None = None,
     progress: bool | None = None,
 ) -> FitResult:
-    """Train on ``data`` (train/val/test folders) and write the best model to ``out``."""
+    """Train on ``data`` and write the best model to ``out`` (rank 0 writes; every rank returns)."""
     started = time.perf_counter()
-    out = Path(out)
+    data, out = Path(data), Path(out)
     log_path = Path(log_path) if log_path else out.with_suffix(".log.jsonl")
     state_path = out.with_suffix(".train-state.safetensors")
-    device = pick_device(cfg.device)
+    rank, device = init_distributed(cfg.device)
     seed_everything(cfg.seed)
+    show = rank.main and (progress if progress is not None else bool(os.isatty(2)))
 
-    labels = read_labels(Path(data))
-    common = {"image_size": cfg.image_size, "frames": cfg.frames, "labels": labels}
-    train_ds = FrameFolderDataset(data, "train", train=True, seed=cfg.seed, **common)
-    val_ds = FrameFolderDataset(data, "val", **common)
-    log.info("train %s", train_ds.describe())
-
+    labels = read_labels(data)
+    train_ds, val_ds = build_datasets(data, cfg, labels)
+    if rank.main:
+        log.info("train %s", train_ds.describe())
     model = build_model(cfg.model_config(len(labels))).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(train_ds) / (cfg.batch_size * rank.world))
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
 
@@ -128,148 +257,191 @@ def fit(
     if resume is not None:
         start_epoch, best = load_train_state(Path(resume), model, optimizer, scheduler)
         log.info("resumed from %s at epoch %d", resume, start_epoch)
-    elif log_path.exists():
+    elif rank.main and log_path.exists():
         log_path.unlink()
+    trained: torch.nn.Module = DistributedDataParallel(model) if rank.active else model
+    loaders = EpochLoaders(cfg, rank, device)
 
+    lengths = [len(c.frames) for c in train_ds.clips if not c.is_video] or [cfg.frames]
     spec = InputSpec.for_model(
-        model.config, frames=cfg.frames, min_frames=train_ds.min_frames, max_frames=train_ds.max_frames
+        model.config,
+        frames=cfg.frames,
+        min_frames=min(lengths),
+        max_frames=min(max(lengths), cfg.frames) if not cfg.repeat_short else cfg.frames,
     )
-    training_meta = {
+    training_meta: dict[str, Any] = {
         "config": cfg.to_dict(),
         "seed": cfg.seed,
         "device": str(device),
+        "world_size": rank.world,
         "dataset": {"train": train_ds.describe(), "val": val_ds.describe()},
         "code_revision": code_revision(),
     }
+    skipped: set[str] = set(train_ds.problems) | set(val_ds.problems)
     name = cfg.name or out.stem
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     epochs_done = start_epoch
     for epoch in range(start_epoch, cfg.epochs):
-        train_stats = train_one_epoch(
-            model,
-            make_loader(train_ds, cfg, shuffle=True, epoch=epoch, device=device),
+        loader = loaders(train_ds, shuffle=True, epoch=epoch)
+        stats, bad = train_one_epoch(
+            trained,
+            loader,
             optimizer,
             scheduler,
             cfg,
             device,
-            autocast,
-            epoch,
-            progress,
+            rank,
+            batches(loader, f"epoch {epoch + 1}/{cfg.epochs}", show),
         )
-        val = evaluate(model, make_loader(val_ds, cfg, shuffle=False, epoch=0, device=device), device)
+        val, val_bad = measure(trained, val_ds, loaders, len(labels))
+        skipped |= set(bad) | set(val_bad)
         record = {
             "epoch": epoch + 1,
             "lr": scheduler.get_last_lr()[0],
-            **{f"train_{k}": v for k, v in train_stats.items()},
+            **{f"train_{k}": v for k, v in stats.items()},
             **{f"val_{k}": v for k, v in val.items()},
         }
-        with log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        log.info("epoch %d: %s", epoch + 1, record)
         if val["accuracy"] > best["accuracy"]:
             best = {"epoch": epoch + 1, "accuracy": val["accuracy"], "stale": 0}
-            save_checkpoint(
-                out,
-                model,
-                name=name,
-                version=cfg.version,
-                labels=labels,
-                input_spec=spec,
-                metrics={"val": val},
-                training=training_meta,
-            )
+            if rank.main:
+                save_checkpoint(
+                    out,
+                    model,
+                    name=name,
+                    version=cfg.version,
+                    labels=labels,
+                    input_spec=spec,
+                    metrics={"val": val},
+                    training=training_meta,
+                )
         else:
             best["stale"] += 1
-        save_train_state(state_path, model, optimizer, scheduler, epoch + 1, best)
+        if rank.main:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info("epoch %d: %s", epoch + 1, record)
+            save_train_state(state_path, model, optimizer, scheduler, epoch + 1, best)
         epochs_done = epoch + 1
         if best["stale"] >= cfg.patience:
             log.info("early stop: no better val accuracy for %d epochs", cfg.patience)
             break
-
-    return finish(data, out, cfg, device, labels, log_path, epochs_done - start_epoch, best, started)
+    if rank.active:
+        dist.barrier()  # rank 0's checkpoint is on disk before anyone reads it
+    return finish(
+        data, out, cfg, rank, device, labels, log_path, epochs_done - start_epoch, best, started, sorted(skipped)
+    )
 
 
 def train_one_epoch(
-    model: FusedClassifier,
+    model: torch.nn.Module,
     loader: DataLoader[Any],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     cfg: TrainConfig,
     device: torch.device,
-    autocast: torch.autocast,
-    epoch: int,
-    progress: bool | None,
-) -> dict[str, float]:
+    rank: Dist,
+    bar: Iterator[Batch],
+) -> tuple[dict[str, float], list[str]]:
     model.train()
-    seen, correct, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
-    bar = tqdm(
-        loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if progress is None else not progress, leave=False
-    )
-    for frames, lengths, labels in bar:
-        frames, labels = frames.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast:
-            logits = model(frames, lengths)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    sums = torch.zeros(3, dtype=torch.float64)  # clips, correct, loss * clips
+    skipped: list[str] = []
+    t0 = time.perf_counter()
+    for batch in bar:
+        skipped += [f"{s.path}: {s.reason}" for s in batch.skipped]
         optimizer.zero_grad(set_to_none=True)
+        if len(batch.lengths) == 0:  # every clip unreadable: a zero step keeps DDP ranks in lockstep
+            sum(p.sum() * 0.0 for p in model.parameters()).backward()  # type: ignore[union-attr]
+            optimizer.step()
+            scheduler.step()
+            continue
+        frames, labels = batch.frames.to(device, non_blocking=True), batch.labels.to(device, non_blocking=True)
+        with autocast:
+            logits = model(frames, batch.lengths)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         n = labels.shape[0]
-        seen += n
-        loss_sum += loss.item() * n
-        correct += int((logits.argmax(1) == labels).sum())
-        bar.set_postfix(
-            loss=f"{loss_sum / seen:.3f}",
-            acc=f"{correct / seen:.3f}",
-            clips_s=f"{seen / (time.perf_counter() - t0):.0f}",
-        )
+        sums += torch.tensor([n, int((logits.argmax(1) == labels).sum()), loss.item() * n], dtype=torch.float64)
+        if isinstance(bar, tqdm):
+            bar.set_postfix(
+                loss=f"{sums[2] / sums[0]:.3f}",
+                acc=f"{sums[1] / sums[0]:.3f}",
+                clips_s=f"{sums[0] / (time.perf_counter() - t0):.0f}",
+            )
     elapsed = time.perf_counter() - t0
-    return {
-        "loss": round(loss_sum / seen, 6),
-        "accuracy": round(correct / seen, 6),
+    if rank.active:
+        dist.all_reduce(sums)  # every rank's clips count
+    seen = max(1.0, float(sums[0]))
+    stats = {
+        "loss": round(float(sums[2]) / seen, 6),
+        "accuracy": round(float(sums[1]) / seen, 6),
+        "clips": int(sums[0]),
         "clips_per_s": round(seen / elapsed, 1),
     }
+    for line in skipped:
+        log.warning("skipped %s", line)
+    return stats, skipped
 
 
 def finish(
-    data: str | Path,
+    data: Path,
     out: Path,
     cfg: TrainConfig,
+    rank: Dist,
     device: torch.device,
     labels: list[str],
     log_path: Path,
     epochs_run: int,
     best: dict[str, Any],
     started: float,
+    skipped: list[str],
 ) -> FitResult:
-    """Reload the best weights, measure them on the test split, and store that in the checkpoint."""
+    """Reload the best weights, measure them on the test split (all ranks), store that in the checkpoint."""
     ckpt = load_checkpoint(out, device=device)
-    test_ds = FrameFolderDataset(data, "test", image_size=cfg.image_size, frames=cfg.frames, labels=labels)
-    test = evaluate(ckpt.model, make_loader(test_ds, cfg, shuffle=False, epoch=0, device=device), device)
-    test.update(split="test", dataset=dataset_name(Path(data)))
+    test_ds = ClipDataset(
+        data,
+        "test",
+        image_size=cfg.image_size,
+        frames=cfg.frames,
+        labels=labels,
+        repeat_short=cfg.repeat_short,
+        seed=cfg.seed,
+        preload=cfg.preload,
+    )
+    test, test_bad = measure(ckpt.model, test_ds, EpochLoaders(cfg, rank, device), len(labels))
+    test.update(split="test", dataset=dataset_name(data))
+    skipped = sorted(set(skipped) | set(test_bad) | set(test_ds.problems))
     wall = round(time.perf_counter() - started, 1)
     meta = ckpt.metadata
-    meta["training"].update(
-        best_epoch=best["epoch"],
-        epochs_run=epochs_run,
-        wall_time_s=wall,
-        profile=profile_model(ckpt.model, cfg.frames).to_dict(),
-    )
-    meta["training"]["dataset"]["test"] = test_ds.describe()
     metrics = {"test": test, **meta["metrics"]}
-    save_checkpoint(
-        out,
-        ckpt.model,
-        name=meta["name"],
-        version=meta["version"],
-        labels=labels,
-        input_spec=InputSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["input"].items()}),
-        metrics=metrics,
-        training=meta["training"],
-    )
-    log.info("test: %s", test)
-    return FitResult(out, log_path, metrics, epochs_run, best["epoch"], wall)
+    if rank.main:
+        meta["training"].update(
+            best_epoch=best["epoch"],
+            epochs_run=epochs_run,
+            wall_time_s=wall,
+            profile=profile_model(ckpt.model, cfg.frames).to_dict(),
+            skipped={"count": len(skipped), "files": skipped[:100]},
+        )
+        meta["training"]["dataset"]["test"] = test_ds.describe()
+        spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["input"].items()})
+        save_checkpoint(
+            out,
+            ckpt.model,
+            name=meta["name"],
+            version=meta["version"],
+            labels=labels,
+            input_spec=spec,
+            metrics=metrics,
+            training=meta["training"],
+        )
+        log.info("test: %s", test)
+        if skipped:
+            log.warning("%d unreadable clips were skipped: %s", len(skipped), "; ".join(skipped[:10]))
+    if rank.active:
+        dist.barrier()
+    return FitResult(out, log_path, metrics, epochs_run, best["epoch"], wall, skipped)
 
 
 def save_train_state(

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from models import bundled_checkpoints, default_checkpoint, load_checkpoint, read_metadata
 from models.weights import WEIGHTS_DIR
-from training.data import FrameFolderDataset, collate_ragged
+from training.data import ClipDataset, collate_ragged
 from training.evaluate import evaluate
 from training.synth import LABELS, SynthConfig, write_dataset
 
@@ -51,7 +51,7 @@ def test_recorded_test_metrics_are_reproduced(path: Path, regenerated_test_split
     ckpt = load_checkpoint(path)
     recorded = ckpt.metadata["metrics"]["test"]
     spec = ckpt.input
-    ds = FrameFolderDataset(
+    ds = ClipDataset(
         regenerated_test_split, "test", image_size=spec["height"], frames=spec["frames"], labels=ckpt.labels
     )
     measured = evaluate(ckpt.model, DataLoader(ds, batch_size=64, collate_fn=collate_ragged), ckpt.model.mean.device)

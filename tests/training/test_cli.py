@@ -81,12 +81,17 @@ def test_synth_then_fit_then_load_through_the_cli(cli_dataset: Path, tmp_path: P
     assert [r["epoch"] for r in lines] == [1, 2]
     assert {"train_loss", "train_accuracy", "train_clips_per_s", "val_accuracy", "val_macro_f1", "lr"} <= set(lines[0])
 
-    # Evaluating the checkpoint on the test split reproduces the metrics it stores.
+    # Evaluating the checkpoint on the test split reproduces the metrics it stores, with its plots.
     report_dir = tmp_path / "report"
-    proc = run("evaluate", str(out), "--data", str(cli_dataset), "--out", str(report_dir))
+    proc = run("evaluate", str(out), str(cli_dataset), "--out", str(report_dir))
     assert proc.returncode == 0, proc.stderr
     report = json.loads((report_dir / "report.json").read_text())
     assert report["accuracy"] == test["accuracy"] and report["macro_f1"] == test["macro_f1"]
+    counts = report["confusion_matrix"]["counts"]
+    assert sum(map(sum, counts)) == 8 and sum(counts[i][i] for i in range(8)) == round(report["accuracy"] * 8)
+    assert set(report["per_class"]) == set(LABELS) and 0 <= report["top5_accuracy"] <= 1
+    for png in ("confusion.png", "curves.png"):
+        assert (report_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resume_continues_from_the_saved_epoch(cli_dataset: Path, tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.data import FrameFolderDataset, collate_ragged, natural_key, read_labels, sample_indices
+from training.data import ClipDataset, collate_ragged, natural_key, read_labels, sample_indices
 from training.fit import lr_factor
 
 
@@ -17,6 +17,8 @@ def test_natural_sort_orders_numbers_by_value() -> None:
 
 def test_sample_indices_keeps_short_clips_and_segments_long_ones() -> None:
     np.testing.assert_array_equal(sample_indices(5, 8, train=False), np.arange(5))
+    np.testing.assert_array_equal(sample_indices(3, 6, train=False, repeat=True), [0, 0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(sample_indices(16, 4, train=False, offset=0.0), [0, 4, 8, 12])
     np.testing.assert_array_equal(sample_indices(16, 4, train=False), [2, 6, 10, 14])
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -41,11 +43,15 @@ def test_frame_folder_dataset_reads_ragged_clips_in_natural_order(tmp_path: Path
             for i in range(n):  # the frame's brightness encodes its index
                 Image.fromarray(np.full((10, 12, 3), 20 * i, np.uint8)).save(d / f"{i}.png")
     (root / "train" / "a_cls" / "empty_clip").mkdir()
+    (root / "val").mkdir()  # a val split exists, so train keeps all its clips
     assert read_labels(root) == ["a_cls", "b_cls"]
-    ds = FrameFolderDataset(root, "train", image_size=8, frames=16)
+    ds = ClipDataset(root, "train", image_size=8, frames=16)
     assert len(ds) == 4  # the empty clip folder is skipped
-    clip, label = ds[1]
+    assert ds.problems == [f"{root / 'train' / 'a_cls' / 'empty_clip'}: empty clip folder (no image files)"]
+    clip, label, index = ds[1]
+    assert index == 1
     assert label == 0 and clip.shape == (11, 3, 8, 8) and clip.dtype == torch.uint8
     assert [int(f[0, 0, 0]) for f in clip] == [20 * i for i in range(11)]  # 10.png after 9.png
-    frames, lengths, labels = collate_ragged([ds[0], ds[1], ds[2]])
-    assert frames.shape == (17, 3, 8, 8) and lengths.tolist() == [3, 11, 3] and labels.tolist() == [0, 0, 1]
+    batch = collate_ragged([ds[0], ds[1], ds[2]])
+    assert batch.frames.shape == (17, 3, 8, 8) and batch.lengths.tolist() == [3, 11, 3]
+    assert batch.labels.tolist() == [0, 0, 1] and batch.indices.tolist() == [0, 1, 2]

@@ -1,0 +1,1 @@
+"""fusionserve benchmarks: ``python -m bench <command>`` (see bench/README.md)."""

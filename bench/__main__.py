@@ -1,0 +1,20 @@
+"""``python -m bench <command>``: fusionserve's benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bench import data_pipeline
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="fusionserve benchmarks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    data_pipeline.add_parser(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

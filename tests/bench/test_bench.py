@@ -1,0 +1,45 @@
+"""Each bench command runs on tiny settings (numbers are measured in bench/, never asserted here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_data_pipeline_bench_runs(tmp_path: Path) -> None:
+    out = tmp_path / "data.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "data",
+            "--clips",
+            "4",
+            "--length",
+            "6",
+            "--size",
+            "16",
+            "--frames",
+            "4",
+            "--image-size",
+            "16",
+            "--workers",
+            "0",
+            "1",
+            "--rounds",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["clips_per_s"]) == {"jpeg/0", "jpeg/1", "mp4/0", "mp4/1"}
+    assert result["ratio_to_jpeg_baseline"]["jpeg/0"] == 1.0
