@@ -20,8 +20,12 @@ class Settings(BaseSettings):
     )
     default_model: str | None = Field(None, description="model that /predict serves; default: the first loaded")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
-    max_batch_size: int = Field(32, ge=1, description="most clips in one batch")
-    max_batch_frames: int = Field(512, ge=1, description="most frames in one batch (a longer lone clip still runs)")
+    max_batch_size: int = Field(32, ge=1, description="most clips in one batch (set: overrides autotune)")
+    max_batch_frames: int = Field(
+        512, ge=1, description="most frames in one batch; a longer lone clip still runs (set: overrides autotune)"
+    )
+    autotune: bool = Field(True, description="measure the model at warm-up and pick the batch limits")
+    latency_budget_ms: float = Field(250.0, gt=0, description="autotune: longest forward pass allowed for a batch")
     max_batch_delay_ms: float = Field(0.0, ge=0, description="extra wait for a fuller batch; 0: none")
     max_queue: int = Field(256, ge=1, description="clips waiting per model before new ones get 503")
     request_timeout_s: float = Field(30.0, gt=0, description="a clip still queued after this gets 504")

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from app.autotune import choose_batch_limits
 from app.batcher import Batcher
 from app.errors import not_found, not_ready
 from app.metrics import Metrics
@@ -30,6 +31,7 @@ class ServedModel:
     runtime: ModelRuntime
     batcher: Batcher
     limits: InputLimits
+    tuning: dict[str, Any] | None = None  # what autotune measured and chose
 
 
 @dataclass
@@ -68,18 +70,19 @@ class Service:
         for name, runtime in runtimes.items():
             if s.warmup:
                 runtime.warm_up(s.max_frames)
+            size, frames, tuning = self.batch_limits(runtime)
             batcher = Batcher(
                 name,
                 runtime.infer,
-                max_batch_size=s.max_batch_size,
-                max_batch_frames=s.max_batch_frames,
+                max_batch_size=size,
+                max_batch_frames=frames,
                 max_delay_s=s.max_batch_delay_ms / 1000,
                 max_queue=s.max_queue,
                 timeout_s=s.request_timeout_s,
                 on_batch=self.metrics.batch_observer(name),
                 on_drop=self.metrics.drop_observer(name),
             )
-            self.models[name] = ServedModel(runtime, batcher, runtime.limits(s.max_frames, s.max_pixels))
+            self.models[name] = ServedModel(runtime, batcher, runtime.limits(s.max_frames, s.max_pixels), tuning)
             self.metrics.model_info.labels(
                 name, runtime.version, str(device), runtime.checkpoint.model.config.head.name
             ).set(1)
@@ -90,6 +93,28 @@ class Service:
         self.decode_pool = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode")
         for served in self.models.values():
             served.batcher.start()
+
+    def batch_limits(self, runtime: ModelRuntime) -> tuple[int, int, dict[str, Any] | None]:
+        """(clips, frames, tuning report): measured at warm-up unless both limits were set explicitly."""
+        s = self.settings
+        explicit = {"max_batch_size", "max_batch_frames"} & s.model_fields_set
+        if not s.autotune or len(explicit) == 2:
+            return s.max_batch_size, s.max_batch_frames, None
+        spec = runtime.checkpoint.input
+        choice = choose_batch_limits(
+            runtime.infer,
+            frames=spec["frames"],
+            shape=(spec["channels"], spec["height"], spec["width"]),
+            budget_ms=s.latency_budget_ms,
+            max_size=s.max_batch_size if "max_batch_size" in explicit else 64,
+        )
+        size = s.max_batch_size if "max_batch_size" in explicit else choice.max_batch_size
+        if "max_batch_frames" in explicit:
+            frames = s.max_batch_frames
+        else:
+            frames = size * spec["frames"] if "max_batch_size" in explicit else choice.max_batch_frames
+        log.info("%s: batches of at most %d clips and %d frames", runtime.name, size, frames)
+        return size, frames, choice.to_dict()
 
     async def close(self) -> None:
         """Stop taking work, answer everything accepted, then release the threads."""

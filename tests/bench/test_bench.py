@@ -43,3 +43,37 @@ def test_data_pipeline_bench_runs(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert set(result["clips_per_s"]) == {"jpeg/0", "jpeg/1", "mp4/0", "mp4/1"}
     assert result["ratio_to_jpeg_baseline"]["jpeg/0"] == 1.0
+
+
+def test_ceiling_bench_runs(tmp_path: Path) -> None:
+    out = tmp_path / "ceiling.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "ceiling",
+            "--batches",
+            "1",
+            "2",
+            "--lengths",
+            "4",
+            "--min-time",
+            "0.01",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [(r["batch"], r["frames"]) for r in result["forward"]] == [(1, 4), (2, 4)]
+    assert result["best"]["cpu/4"]["clips_per_s"] > 0
+    assert {r["input"] for r in result["preprocessing"]} == {
+        "16 JPEG frames 64x64",
+        "16 JPEG frames 224x224",
+        "MP4 16 frames 64x64",
+    }

@@ -1,0 +1,236 @@
+"""The ceiling: in-process forward clips/s of a model, and the per-clip cost of preprocessing.
+
+``python -m bench ceiling --checkpoint FILE|seed`` times ``model(frames, lengths)`` on
+already-decoded uint8 clips (the same call the server's batcher makes) at batch sizes
+1 to 64 and clip lengths 8 and 16, on the CPU and on CUDA when present; then the cost
+per 16-frame clip of each preprocessing step for JPEG frames at 64x64 and 224x224 and
+for an MP4. ``seed`` builds a random-weight model of the seed's shape (three conv
+blocks of 32/64/128 filters, an LSTM of 128, 16 frames of 64x64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+
+from app.preprocess import InputLimits, decode_image, decode_video, frames_to_clip
+from models import InputSpec, LSTMHeadConfig, ModelConfig, SmallCNNConfig, build_model, load_checkpoint, save_checkpoint
+from models.system import tune_malloc
+from training.synth import LABELS, SynthConfig, load_digit_splits, render_clip
+
+
+def seed_shaped_checkpoint(out: Path) -> Path:
+    """A random-weight CNN+LSTM of the seed's shape: 32/64/128 conv blocks, LSTM 128, 16 frames of 64x64."""
+    cfg = ModelConfig(len(LABELS), SmallCNNConfig(widths=(32, 64, 128)), LSTMHeadConfig(hidden=128), image_size=64)
+    torch.manual_seed(0)
+    spec = InputSpec.for_model(cfg, frames=16, min_frames=1, max_frames=16)
+    return save_checkpoint(out, build_model(cfg).eval(), name="seed-shape-lstm", labels=list(LABELS), input_spec=spec)
+
+
+def resolve_checkpoint(name: str, tmp: Path) -> Path:
+    return seed_shaped_checkpoint(tmp / "seed.safetensors") if name == "seed" else Path(name)
+
+
+def per_call(fn: Callable[[], Any], min_time: float = 0.5, min_calls: int = 3) -> float:
+    """Seconds per call: the fastest of several timed blocks after one warm call."""
+    fn()
+    best = float("inf")
+    spent, calls = 0.0, 0
+    while spent < min_time or calls < min_calls:
+        started = time.perf_counter()
+        fn()
+        took = time.perf_counter() - started
+        best, spent, calls = min(best, took), spent + took, calls + 1
+    return best
+
+
+def forward_ceiling(
+    model: torch.nn.Module,
+    spec: dict[str, Any],
+    device: torch.device,
+    batches: list[int],
+    lengths: list[int],
+    min_time: float,
+) -> list[dict[str, Any]]:
+    rows = []
+    C, H, W = spec["channels"], spec["height"], spec["width"]
+    for T in lengths:
+        for B in batches:
+            # (N, C, H, W) uint8 with channels-last strides, as the server's decoded frames arrive
+            frames = torch.randint(0, 256, (B * T, H, W, C), dtype=torch.uint8).permute(0, 3, 1, 2).to(device)
+            lengths_t = torch.full((B,), T)
+
+            def run(frames: torch.Tensor = frames, lengths_t: torch.Tensor = lengths_t) -> None:
+                with torch.inference_mode():
+                    model(frames, lengths_t)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+
+            seconds = per_call(run, min_time)
+            rows.append(
+                {
+                    "device": str(device),
+                    "frames": T,
+                    "batch": B,
+                    "ms_per_batch": round(seconds * 1000, 3),
+                    "clips_per_s": round(B / seconds, 1),
+                }
+            )
+    return rows
+
+
+def jpeg_frames(size: int, count: int = 16) -> list[bytes]:
+    cfg = SynthConfig(canvas=size, min_frames=count, max_frames=count)
+    clip = render_clip("left", load_digit_splits(0)["test"][0], cfg, np.random.default_rng(0))
+    out = []
+    for frame in clip:
+        buf = io.BytesIO()
+        Image.fromarray(frame).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def mp4_clip(size: int, count: int = 16) -> bytes:
+    cfg = SynthConfig(canvas=size, min_frames=count, max_frames=count)
+    clip = render_clip("left", load_digit_splits(0)["test"][0], cfg, np.random.default_rng(0))
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for frame in clip:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
+def preprocessing_costs(spec: dict[str, Any], min_time: float) -> list[dict[str, Any]]:
+    """Per 16-frame clip: full decode, reduced decode + resize to the model's size, to tensor; MP4 decode."""
+    limits = InputLimits(spec["height"], spec["width"], spec["channels"], 16, 64, 4096 * 4096)
+    rows = []
+    for size in (64, 224):
+        blobs = jpeg_frames(size)
+
+        def full_decode(blobs: list[bytes] = blobs) -> None:
+            for b in blobs:
+                with Image.open(io.BytesIO(b)) as img:
+                    img.convert("RGB").load()
+
+        def decode_resize(blobs: list[bytes] = blobs) -> list[np.ndarray]:
+            return [decode_image(b, limits, i) for i, b in enumerate(blobs)]
+
+        arrays = decode_resize()
+        steps = {
+            "decode (full size, Pillow)": full_decode,
+            "decode at model size + resize (server)": decode_resize,
+            "to tensor (T, C, H, W)": lambda arrays=arrays: frames_to_clip(arrays),
+        }
+        for step, fn in steps.items():
+            rows.append(
+                {
+                    "input": f"16 JPEG frames {size}x{size}",
+                    "step": step,
+                    "ms_per_clip": round(per_call(fn, min_time) * 1000, 3),
+                }
+            )
+    video = mp4_clip(64)
+    rows.append(
+        {
+            "input": "MP4 16 frames 64x64",
+            "step": "decode + resize + sample (server)",
+            "ms_per_clip": round(per_call(lambda: decode_video(video, limits, 16), min_time) * 1000, 3),
+        }
+    )
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.malloc_tune:
+        tune_malloc()
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint, Path(tmp)))
+    if not args.channels_last:  # measure the plain contiguous layout instead
+        ckpt.model.config = ckpt.model.config.replace(channels_last=False)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    rows: list[dict[str, Any]] = []
+    for device in devices:
+        model = ckpt.model.to(device).eval()
+        rows += forward_ceiling(model, ckpt.input, device, args.batches, args.lengths, args.min_time)
+    best = {}
+    for row in rows:
+        key = f"{row['device']}/{row['frames']}"
+        if key not in best or row["clips_per_s"] > best[key]["clips_per_s"]:
+            best[key] = row
+    return {
+        "benchmark": "ceiling",
+        "checkpoint": args.checkpoint,
+        "model": ckpt.name,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+        "forward": rows,
+        "best": best,
+        "preprocessing": preprocessing_costs(ckpt.input, args.min_time),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = ["| device | frames | batch | ms/batch | clips/s |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {r['device']} | {r['frames']} | {r['batch']} | {r['ms_per_batch']} | {r['clips_per_s']} |"
+        for r in result["forward"]
+    ]
+    lines += ["", "| input | step | ms per clip |", "|---|---|---|"]
+    lines += [f"| {r['input']} | {r['step']} | {r['ms_per_clip']} |" for r in result["preprocessing"]]
+    return "\n".join(lines)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("ceiling", help="in-process forward clips/s by batch size and clip length; preprocessing costs")
+    p.add_argument("--checkpoint", default="seed", help="a .safetensors file, or 'seed' for the seed-shaped model")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--lengths", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per configuration")
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep frames channels-last in the CNN (the model's default)",
+    )
+    p.add_argument(
+        "--malloc-tune",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="raise glibc's mmap/trim thresholds as the server does",
+    )
+    p.add_argument(
+        "--no-preprocessing", dest="preprocessing", action="store_false", help="skip the preprocessing costs"
+    )
+    p.add_argument("--out", type=Path, help="write the JSON result here")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run(args)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+    print(json.dumps({"best": result["best"]}))
+    return 0

@@ -1,0 +1,131 @@
+"""A/B of two server configurations: both up at once, closed-loop runs interleaved A, B, A, B, ...
+
+Interleaving over ``--rounds`` spreads drift on a shared machine (other tenants, thermal,
+page cache) over both sides alike; the report gives each side's median per concurrency
+and the ratio B/A for clips/s, p50 and p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bench import loadgen
+from bench.serve import (
+    ServerProcess,
+    machine,
+    measure,
+    parse_env,
+    quiet_client_logs,
+    resolve_checkpoint,
+    running,
+    server_info,
+    warm_up,
+    write_outputs,
+)
+
+METRICS = ("clips_per_s", "p50_ms", "p99_ms")
+
+
+def parse_side(spec: str) -> dict[str, str]:
+    """``KEY=VALUE,KEY=VALUE`` (empty: the defaults) as FUSIONSERVE_* variables."""
+    return parse_env([item for item in spec.split(",") if item.strip()])
+
+
+def median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 2) if present else None
+
+
+def ratio(b: float | None, a: float | None) -> float | None:
+    return round(b / a, 3) if a and b is not None else None
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Medians per side, B/A ratios, and the errors of all runs of one concurrency."""
+    out: dict[str, Any] = {}
+    for side in ("A", "B"):
+        out[side] = {m: median([r[m] for r in runs[side]]) for m in METRICS}
+        out[side]["batch_size"] = median([r["server"]["batch_size"] for r in runs[side]])
+        out[side]["errors"] = sum(sum(r["errors"].values()) for r in runs[side])
+    out["ratio_b_over_a"] = {m: ratio(out["B"][m], out["A"][m]) for m in METRICS}
+    return out
+
+
+async def run_rounds(servers: dict[str, ServerProcess], args: argparse.Namespace) -> dict[str, Any]:
+    payloads = loadgen.build_payloads(args.payload, args.clips, args.frames, args.frame_size)
+    result: dict[str, Any] = {"runs": {}, "summary": {}}
+    # Connections to both servers stay open between turns, so neither side pays for reconnecting.
+    async with loadgen.make_client(2 * max(args.concurrency)) as client:
+        result["server_info"] = {side: await server_info(client, s.url) for side, s in servers.items()}
+        for server in servers.values():
+            await warm_up(client, server, payloads, args)
+        for c in args.concurrency:
+            runs: dict[str, list[dict[str, Any]]] = {side: [] for side in servers}
+            for _ in range(args.rounds):
+                for side, server in servers.items():
+                    load = loadgen.closed_loop(client, f"{server.url}/predict", payloads, c, args.duration)
+                    runs[side].append(await measure(client, server, load, args.rss_interval))
+            result["runs"][str(c)] = runs
+            result["summary"][str(c)] = summarise(runs)
+    return result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    envs = {"A": parse_side(args.a), "B": parse_side(args.b)}
+    servers = {side: ServerProcess(checkpoint, env) for side, env in envs.items()}
+    with running(*servers.values()):
+        rounds = asyncio.run(run_rounds(servers, args))
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("func", "out")}
+    return {
+        "benchmark": "compare",
+        "machine": machine(),
+        "settings": {**settings, "checkpoint": str(checkpoint)},
+        "server_env": envs,
+        **rounds,
+        "server_exit_codes": {side: s.exit_code for side, s in servers.items()},
+    }
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    head = "| concurrency | " + " | ".join(f"A {m} | B {m} | B/A" for m in METRICS) + " | batch A/B | errors A/B |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for c, s in result["summary"].items():
+        cells = [c]
+        for m in METRICS:
+            cells += [_fmt(s["A"][m]), _fmt(s["B"][m]), _fmt(s["ratio_b_over_a"][m])]
+        cells.append(f"{_fmt(s['A']['batch_size'])}/{_fmt(s['B']['batch_size'])}")
+        cells.append(f"{s['A']['errors']}/{s['B']['errors']}")
+        lines.append("| " + " | ".join(cells) + " |")
+    env = result["server_env"]
+    lines.append(f"\nA: {env['A'] or 'defaults'}\nB: {env['B'] or 'defaults'}")
+    return "\n".join(lines)
+
+
+def add_parser(sub: Any) -> None:
+    from bench.serve import add_common
+
+    p = sub.add_parser("compare", help="A/B two server configurations, interleaved, medians and ratio B/A")
+    add_common(p)
+    p.add_argument("--a", required=True, metavar="KEY=VALUE[,...]", help="settings of server A ('' for defaults)")
+    p.add_argument("--b", required=True, metavar="KEY=VALUE[,...]", help="settings of server B")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="closed-loop levels")
+    p.add_argument("--rounds", type=int, default=2, help="A, B turns per concurrency")
+    p.set_defaults(func=main, duration=5.0)
+
+
+def main(args: argparse.Namespace) -> int:
+    quiet_client_logs()
+    result = run(args)
+    out = write_outputs(result, args.out, "compare")
+    print(markdown(result))
+    print(f"\nJSON: {out}")
+    return 0

@@ -1,0 +1,192 @@
+"""An asyncio + httpx load generator for ``POST /predict``.
+
+Bodies are built once (multipart JPEG frames or one MP4 ``video`` part) and reused as
+bytes, so the client spends its CPU on sockets, not on encoding. Two modes:
+
+- closed loop: ``concurrency`` workers, each posting back-to-back for ``duration`` s;
+- open loop: arrivals at a fixed ``rate`` (Poisson or evenly spaced), at most
+  ``max_in_flight`` outstanding; an arrival that finds the cap reached is dropped (not
+  sent), one sent more than ``late_ms`` after its slot is counted late. Open-loop
+  latency runs from the scheduled arrival, so a lagging client cannot hide queueing.
+
+Latency percentiles are over successful (200) requests; clips/s counts only those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import random
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import av
+import httpx
+import numpy as np
+from PIL import Image
+
+from training.synth import LABELS, SynthConfig, load_digit_splits, render_clip
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Payload:
+    body: bytes
+    content_type: str
+    frames: int
+
+
+@dataclass
+class LevelResult:
+    latencies_s: list[float] = field(default_factory=list)  # successful requests only
+    statuses: Counter[str] = field(default_factory=Counter)  # "200", "503", "ConnectError", ...
+    elapsed_s: float = 0.0
+    late: int = 0
+    dropped: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        ok = self.statuses.get("200", 0)
+        lat_ms = np.asarray(self.latencies_s) * 1000.0
+        pct = {f"p{q}_ms": round(float(np.percentile(lat_ms, q)), 2) if ok else None for q in (50, 90, 99)}
+        return {
+            "requests": sum(self.statuses.values()),
+            "ok": ok,
+            "clips_per_s": round(ok / self.elapsed_s, 2) if self.elapsed_s > 0 else 0.0,
+            **pct,
+            "mean_ms": round(float(lat_ms.mean()), 2) if ok else None,
+            "errors": {k: v for k, v in sorted(self.statuses.items()) if k != "200"},
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+def synth_clips(count: int, frames: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """``count`` moving-digits clips of ``frames`` uint8 (size, size, 3) frames, labels cycled."""
+    cfg = SynthConfig(canvas=size, min_frames=frames, max_frames=frames)
+    digits = load_digit_splits(seed)["test"]
+    rng = np.random.default_rng(seed)
+    return [render_clip(LABELS[i % len(LABELS)], digits[i % len(digits)], cfg, rng) for i in range(count)]
+
+
+def multipart(parts: list[tuple[str, str, bytes, str]]) -> tuple[bytes, str]:
+    """A multipart/form-data body from (field, filename, data, content type) parts; returns (body, content type)."""
+    boundary = uuid.uuid4().hex
+    out = io.BytesIO()
+    for name, filename, data, ctype in parts:
+        out.write(f"--{boundary}\r\n".encode())
+        out.write(f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'.encode())
+        out.write(f"Content-Type: {ctype}\r\n\r\n".encode())
+        out.write(data)
+        out.write(b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def jpeg_payload(clip: np.ndarray, quality: int = 90) -> Payload:
+    """Each frame of ``clip`` (T, H, W, 3) as one ``frames`` JPEG part, in order."""
+    parts = []
+    for t, frame in enumerate(clip):
+        buf = io.BytesIO()
+        Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
+        parts.append(("frames", f"{t:03d}.jpg", buf.getvalue(), "image/jpeg"))
+    body, ctype = multipart(parts)
+    return Payload(body, ctype, len(clip))
+
+
+def mp4_payload(clip: np.ndarray, fps: int = 25) -> Payload:
+    """``clip`` (T, H, W, 3) encoded with libx264 as one ``video`` part."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = clip.shape[2], clip.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for frame in clip:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    body, ctype = multipart([("video", "clip.mp4", buf.getvalue(), "video/mp4")])
+    return Payload(body, ctype, len(clip))
+
+
+def build_payloads(kind: str, count: int, frames: int, size: int) -> list[Payload]:
+    """``count`` distinct request bodies: ``kind`` is "jpeg" (multipart frames) or "mp4" (one video part)."""
+    encode = {"jpeg": jpeg_payload, "mp4": mp4_payload}[kind]
+    return [encode(clip) for clip in synth_clips(count, frames, size)]
+
+
+def make_client(connections: int, timeout_s: float = 120.0) -> httpx.AsyncClient:
+    """One client for the whole run, with a pool large enough that no request waits for a connection."""
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout_s))
+
+
+async def _post(client: httpx.AsyncClient, url: str, payload: Payload, result: LevelResult, t0: float) -> None:
+    """POST ``payload``; record its status and, if 200, its latency measured from ``t0``."""
+    try:
+        response = await client.post(url, content=payload.body, headers={"content-type": payload.content_type})
+        status = str(response.status_code)
+    except httpx.HTTPError as exc:
+        status = type(exc).__name__
+        log.debug("request failed: %r", exc)
+    result.statuses[status] += 1
+    if status == "200":
+        result.latencies_s.append(time.perf_counter() - t0)
+
+
+async def closed_loop(
+    client: httpx.AsyncClient, url: str, payloads: list[Payload], concurrency: int, duration_s: float
+) -> LevelResult:
+    """``concurrency`` workers post back-to-back until ``duration_s`` has passed; in-flight requests finish."""
+    result = LevelResult()
+    start = time.perf_counter()
+    stop_at = start + duration_s
+
+    async def worker(i: int) -> None:
+        k = i
+        while (t0 := time.perf_counter()) < stop_at:
+            await _post(client, url, payloads[k % len(payloads)], result, t0)
+            k += concurrency
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    result.elapsed_s = time.perf_counter() - start
+    return result
+
+
+async def open_loop(
+    client: httpx.AsyncClient,
+    url: str,
+    payloads: list[Payload],
+    rate: float,
+    duration_s: float,
+    max_in_flight: int,
+    poisson: bool = True,
+    late_ms: float = 5.0,
+    seed: int = 0,
+) -> LevelResult:
+    """Arrivals at ``rate``/s for ``duration_s``; over ``max_in_flight`` outstanding an arrival is dropped."""
+    assert rate > 0, f"rate must be positive, got {rate}"
+    result = LevelResult()
+    rng = random.Random(seed)
+    tasks: set[asyncio.Task[None]] = set()
+    start = time.perf_counter()
+    slot, k = start, 0
+    while slot - start < duration_s:
+        delay = slot - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if (time.perf_counter() - slot) * 1000.0 > late_ms:
+            result.late += 1
+        if len(tasks) >= max_in_flight:
+            result.dropped += 1
+        else:
+            task = asyncio.create_task(_post(client, url, payloads[k % len(payloads)], result, slot))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            k += 1
+        slot += rng.expovariate(rate) if poisson else 1.0 / rate
+    await asyncio.gather(*tasks)
+    result.elapsed_s = time.perf_counter() - start
+    return result

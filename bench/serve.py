@@ -1,0 +1,429 @@
+"""Serving throughput and latency: ``python -m app`` in a subprocess under closed- and open-loop load.
+
+For each closed-loop concurrency, then each open-loop rate, the client (bench/loadgen.py)
+reports clips/s and latency percentiles; /metrics before and after the level gives the
+server's own split (mean queue wait, decode time, inference time per batch, batch size)
+and /proc/<pid>/status the server's RSS while it ran. ``--rss-soak`` adds one long
+closed-loop run that samples RSS every second, to spot growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import loadgen
+
+log = logging.getLogger(__name__)
+
+RESULTS = Path(__file__).parent / "results"
+HISTOGRAMS = {
+    "queue": "fusionserve_queue_seconds",
+    "inference": "fusionserve_inference_seconds",
+    "decode": "fusionserve_decode_seconds",
+    "batch_size": "fusionserve_batch_size",
+}
+DROPPED = "fusionserve_dropped_clips_total"
+
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` pairs as ``FUSIONSERVE_KEY`` variables (``max-batch-size``, ``MAX_BATCH_SIZE`` alike)."""
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        key = key.strip().upper().replace("-", "_")
+        env[key if key.startswith("FUSIONSERVE_") else f"FUSIONSERVE_{key}"] = value
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """``python -m app`` on a free port with extra ``FUSIONSERVE_*`` env; output goes to a temp file."""
+
+    checkpoint: Path
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    exit_code: int | None = None
+    _log: Any = None
+    _terminated: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "server not started"
+        return self.proc.pid
+
+    def start(self, ready_timeout_s: float = 180.0) -> None:
+        # Open for the server's whole life (closed in stop()), so no context manager; a file, not a pipe, never fills.
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115
+        cmd = [sys.executable, "-m", "app", "--port", str(self.port), "--checkpoint", str(self.checkpoint)]
+        log.info("starting %s with %s", " ".join(cmd), self.env)
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready after {ready_timeout_s} s:\n{self.output_tail()}")
+            time.sleep(0.1)
+
+    def terminate(self) -> None:
+        """SIGTERM once (a second one would make uvicorn skip its graceful shutdown)."""
+        if self.proc is not None and self.proc.poll() is None and not self._terminated:
+            self.proc.send_signal(signal.SIGTERM)
+            self._terminated = True
+
+    def stop(self, timeout_s: float = 60.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit code (uvicorn re-raises SIGTERM: -15)."""
+        self.terminate()
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("server %d ignored SIGTERM for %.0f s; killing it", self.proc.pid, timeout_s)
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None:
+            self.exit_code = self.proc.returncode
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.exit_code
+
+    def output_tail(self, chars: int = 4000) -> str:
+        if self._log is None:
+            return ""
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-chars:]
+
+
+@contextlib.contextmanager
+def running(*servers: ServerProcess) -> Iterator[None]:
+    """Start every server in turn (so start-up autotuning runs alone), stop them all together on the way out."""
+    try:
+        for server in servers:
+            server.start()
+        yield
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.stop()
+
+
+def rss_mb(pid: int) -> float | None:
+    """VmRSS of ``pid`` in MiB, None when unreadable (process gone, no /proc)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class RssSampler:
+    """Samples a process's RSS every ``interval_s`` on the event loop while inside ``async with``."""
+
+    def __init__(self, pid: int, interval_s: float) -> None:
+        self.pid, self.interval_s = pid, interval_s
+        self.samples: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self._sample()
+            await asyncio.sleep(self.interval_s)
+
+    def _sample(self) -> None:
+        if (mb := rss_mb(self.pid)) is not None:
+            self.samples.append(round(mb, 1))
+
+    async def __aenter__(self) -> RssSampler:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._sample()
+
+    def summary(self) -> dict[str, float | None]:
+        s = self.samples
+        if not s:
+            return dict.fromkeys(("start_mb", "max_mb", "end_mb"))
+        return {"start_mb": s[0], "max_mb": max(s), "end_mb": s[-1]}
+
+
+async def scrape(client: httpx.AsyncClient, url: str) -> dict[str, float]:
+    """The ``_sum`` and ``_count`` of each histogram in HISTOGRAMS and the dropped-clips total, summed over labels."""
+    text = (await client.get(f"{url}/metrics")).text
+    wanted = {f"{h}{suffix}" for h in HISTOGRAMS.values() for suffix in ("_sum", "_count")} | {DROPPED}
+    totals = dict.fromkeys(wanted, 0.0)
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, _, value = line.rpartition(" ")
+        name = key.split("{", 1)[0]
+        if name in totals:
+            totals[name] += float(value)
+    return totals
+
+
+def server_split(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Means over one level from the counter deltas: ms per queued clip, per decode, per batch; clips per batch."""
+
+    def mean(hist: str, scale: float) -> float | None:
+        n = after[f"{hist}_count"] - before[f"{hist}_count"]
+        return round((after[f"{hist}_sum"] - before[f"{hist}_sum"]) / n * scale, 3) if n else None
+
+    return {
+        "queue_ms": mean(HISTOGRAMS["queue"], 1000.0),
+        "decode_ms": mean(HISTOGRAMS["decode"], 1000.0),
+        "inference_ms_per_batch": mean(HISTOGRAMS["inference"], 1000.0),
+        "batch_size": mean(HISTOGRAMS["batch_size"], 1.0),
+        "batches": after[f"{HISTOGRAMS['inference']}_count"] - before[f"{HISTOGRAMS['inference']}_count"],
+        "dropped_clips": after[DROPPED] - before[DROPPED],
+    }
+
+
+async def measure(
+    client: httpx.AsyncClient, server: ServerProcess, load: Awaitable[loadgen.LevelResult], rss_interval_s: float
+) -> dict[str, Any]:
+    """Await ``load`` (one level against ``server``) with RSS sampling and a /metrics delta around it."""
+    before = await scrape(client, server.url)
+    async with RssSampler(server.pid, rss_interval_s) as rss:
+        result = await load
+    after = await scrape(client, server.url)
+    return {
+        **result.summary(),
+        "late": result.late,
+        "dropped": result.dropped,
+        "server": server_split(before, after),
+        "rss": rss.summary(),
+    }
+
+
+async def warm_up(client: httpx.AsyncClient, server: ServerProcess, payloads: list[loadgen.Payload], args: Any) -> None:
+    """A short closed-loop run whose numbers are thrown away; fails loudly if nothing succeeds."""
+    concurrency = max(args.concurrency or [4])
+    result = await loadgen.closed_loop(client, f"{server.url}/predict", payloads, concurrency, args.warmup)
+    if not result.statuses.get("200"):
+        raise RuntimeError(f"warm-up got no 200 from {server.url}: {dict(result.statuses)}")
+
+
+async def server_info(client: httpx.AsyncClient, url: str) -> list[dict[str, Any]]:
+    """Device and batch limits of each served model (from GET /models)."""
+    models = (await client.get(f"{url}/models")).json()["models"]
+    return [{k: m.get(k) for k in ("name", "device", "batching", "input")} for m in models]
+
+
+async def soak(
+    client: httpx.AsyncClient, server: ServerProcess, payloads: list[loadgen.Payload], args: Any
+) -> dict[str, Any]:
+    """One closed-loop run at ``--soak-concurrency`` for ``--rss-soak`` s, RSS sampled every second."""
+    url = f"{server.url}/predict"
+    async with RssSampler(server.pid, 1.0) as rss:
+        result = await loadgen.closed_loop(client, url, payloads, args.soak_concurrency, args.rss_soak)
+    s = rss.samples
+    return {
+        "concurrency": args.soak_concurrency,
+        "duration_s": args.rss_soak,
+        **result.summary(),
+        "rss_first_mb": s[0] if s else None,
+        "rss_last_mb": s[-1] if s else None,
+        "rss_max_mb": max(s) if s else None,
+        "rss_last_over_first": round(s[-1] / s[0], 3) if s else None,
+        "rss_samples_mb": s,
+    }
+
+
+async def run_levels(server: ServerProcess, args: argparse.Namespace) -> dict[str, Any]:
+    payloads = loadgen.build_payloads(args.payload, args.clips, args.frames, args.frame_size)
+    url = f"{server.url}/predict"
+    conns = max([*args.concurrency, args.max_in_flight, args.soak_concurrency if args.rss_soak else 1])
+    out: dict[str, Any] = {"closed_loop": [], "open_loop": []}
+    async with loadgen.make_client(conns) as client:
+        out["server_info"] = await server_info(client, server.url)
+        await warm_up(client, server, payloads, args)
+        for c in args.concurrency:
+            load = loadgen.closed_loop(client, url, payloads, c, args.duration)
+            out["closed_loop"].append({"concurrency": c, **await measure(client, server, load, args.rss_interval)})
+            log.info("closed loop c=%d: %s", c, out["closed_loop"][-1])
+        for rate in args.rates:
+            load = loadgen.open_loop(
+                client, url, payloads, rate, args.duration, args.max_in_flight, poisson=args.arrivals == "poisson"
+            )
+            out["open_loop"].append({"rate": rate, **await measure(client, server, load, args.rss_interval)})
+            log.info("open loop rate=%g: %s", rate, out["open_loop"][-1])
+        if args.rss_soak:
+            out["rss_soak"] = await soak(client, server, payloads, args)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+
+
+def resolve_checkpoint(path: Path | None) -> Path:
+    if path is not None:
+        return path
+    from models import default_checkpoint
+
+    return default_checkpoint()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    env = parse_env(args.env)
+    server = ServerProcess(resolve_checkpoint(args.checkpoint), env)
+    with running(server):
+        levels = asyncio.run(run_levels(server, args))
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("func", "out")}
+    return {
+        "benchmark": "serve",
+        "machine": machine(),
+        "settings": {**settings, "checkpoint": str(server.checkpoint)},
+        "server_env": env,
+        **levels,
+        "server_exit_code": server.exit_code,
+    }
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """One table row per level: client view, then the server's split and RSS."""
+    head = (
+        "| load | clips/s | p50 ms | p90 ms | p99 ms | errors | late/dropped | queue ms | decode ms "
+        "| infer ms/batch | batch | RSS MB start/max/end |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    rows = [(f"c={r['concurrency']}", r) for r in result["closed_loop"]]
+    rows += [(f"{r['rate']:g}/s", r) for r in result["open_loop"]]
+    for name, r in rows:
+        s, m = r["server"], r["rss"]
+        errors = ",".join(f"{k}:{v}" for k, v in r["errors"].items()) or "0"
+        cells = [name, r["clips_per_s"], r["p50_ms"], r["p90_ms"], r["p99_ms"], errors, f"{r['late']}/{r['dropped']}"]
+        cells += [s["queue_ms"], s["decode_ms"], s["inference_ms_per_batch"], s["batch_size"]]
+        cells.append("/".join(_fmt(m[k]) for k in ("start_mb", "max_mb", "end_mb")))
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    if soak_result := result.get("rss_soak"):
+        lines.append(
+            f"\nRSS soak (c={soak_result['concurrency']}, {soak_result['duration_s']:g} s): "
+            f"first {_fmt(soak_result['rss_first_mb'])} MB, last {_fmt(soak_result['rss_last_mb'])} MB, "
+            f"max {_fmt(soak_result['rss_max_mb'])} MB, last/first {_fmt(soak_result['rss_last_over_first'])}"
+        )
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """clips/s and p99 latency against closed-loop concurrency, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["closed_loop"]
+    xs = [r["concurrency"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(xs, [r["clips_per_s"] for r in rows], "o-")
+    ax1.set(xlabel="concurrency", ylabel="clips/s", title="throughput")
+    ax2.plot(xs, [r["p99_ms"] if r["p99_ms"] is not None else float("nan") for r in rows], "o-", color="C1")
+    ax2.set(xlabel="concurrency", ylabel="p99 latency (ms)", title="p99 latency")
+    for ax in (ax1, ax2):
+        if len(set(xs)) > 1:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"fusionserve {result['settings']['payload']} {result['settings']['frame_size']}px")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(result: dict[str, Any], out: Path | None, stem: str) -> Path:
+    """Write the JSON (and PNG next to it when there are closed-loop rows); returns the JSON path."""
+    out = out or RESULTS / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return out
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """Flags that serve and compare share: what the server loads and what the client sends."""
+    p.add_argument("--checkpoint", type=Path, help="checkpoint the server loads (default: the bundled model)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per level")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of discarded closed-loop load first")
+    p.add_argument("--frame-size", type=int, default=64, help="canvas size of the sent frames in pixels")
+    p.add_argument("--frames", type=int, default=16, help="frames per clip")
+    p.add_argument("--payload", choices=("jpeg", "mp4"), default="jpeg", help="multipart JPEG frames or one MP4")
+    p.add_argument("--clips", type=int, default=8, help="distinct prebuilt request bodies, sent round-robin")
+    p.add_argument("--rss-interval", type=float, default=0.25, help="seconds between RSS samples in a level")
+    p.add_argument("--out", type=Path, help="JSON result path (default: bench/results/<command>-<time>.json)")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="server clips/s and latency under closed- and open-loop load")
+    add_common(p)
+    p.add_argument("--env", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="server settings")
+    p.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16, 64], help="closed-loop levels")
+    p.add_argument("--rates", type=float, nargs="*", default=[20.0, 50.0], help="open-loop arrivals per second")
+    p.add_argument("--arrivals", choices=("poisson", "fixed"), default="poisson", help="open-loop arrival process")
+    p.add_argument("--max-in-flight", type=int, default=256, help="open loop: arrivals over this many are dropped")
+    p.add_argument("--rss-soak", type=float, default=0.0, metavar="SECONDS", help="add a long run sampling RSS")
+    p.add_argument("--soak-concurrency", type=int, default=64)
+    p.set_defaults(func=main)
+
+
+def quiet_client_logs() -> None:
+    """httpx logs every request at INFO; that would cost the client CPU under load when INFO is on."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def main(args: argparse.Namespace) -> int:
+    quiet_client_logs()
+    result = run(args)
+    out = write_outputs(result, args.out, "serve")
+    if result["closed_loop"]:
+        plot(result, out.with_suffix(".png"))
+    print(markdown(result))
+    print(f"\nJSON: {out}")
+    return 0

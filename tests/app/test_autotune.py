@@ -1,0 +1,58 @@
+"""Batch limits chosen by measurement; explicit settings win."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from app.autotune import choose_batch_limits
+from tests.app.conftest import live_server
+
+
+def fake_forward(per_call_ms: float, per_clip_ms: float):  # type: ignore[no-untyped-def]
+    """A forward pass costing a fixed overhead plus a cost per clip (sleeps; no real compute)."""
+
+    def forward(frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        time.sleep((per_call_ms + per_clip_ms * len(lengths)) / 1000)
+        return torch.zeros(len(lengths), 2)
+
+    return forward
+
+
+def test_a_large_fixed_overhead_favours_big_batches() -> None:
+    choice = choose_batch_limits(
+        fake_forward(20, 0.5), frames=4, shape=(1, 2, 2), budget_ms=1000, max_size=64, repeats=1
+    )
+    assert choice.max_batch_size == 64 and choice.max_batch_frames == 256
+    assert choice.measured[64]["clips_per_s"] > 5 * choice.measured[1]["clips_per_s"]
+
+
+def test_cost_per_clip_only_keeps_batches_small() -> None:
+    choice = choose_batch_limits(fake_forward(0, 10), frames=8, shape=(1, 2, 2), budget_ms=1000, repeats=1)
+    assert choice.max_batch_size == 1  # batching buys nothing, so it is not worth its latency
+    assert max(choice.measured) <= 4  # and the sweep stopped early
+
+
+def test_the_latency_budget_caps_the_batch() -> None:
+    choice = choose_batch_limits(fake_forward(20, 2), frames=8, shape=(1, 2, 2), budget_ms=60, repeats=1)
+    # 16 clips take 52 ms (within 60), 32 clips take 84 ms: over the budget.
+    assert choice.max_batch_size == 16 and 32 in choice.measured
+
+
+def test_server_reports_its_tuning_and_explicit_limits_win(default_ckpt: Path) -> None:
+    with live_server(checkpoint=default_ckpt) as url:
+        batching = httpx.get(f"{url}/models/moving-digits-lstm").json()["batching"]
+        assert batching["autotuned"] is True
+        tuning = batching["tuning"]
+        assert batching["max_batch_size"] == tuning["max_batch_size"]
+        assert batching["max_batch_frames"] == tuning["max_batch_frames"] == tuning["max_batch_size"] * 16
+        assert "1" in tuning["measured"] and tuning["measured"]["1"]["clips_per_s"] > 0
+    with live_server(checkpoint=default_ckpt, max_batch_size=5, max_batch_frames=40) as url:
+        batching = httpx.get(f"{url}/models/moving-digits-lstm").json()["batching"]
+        assert (batching["max_batch_size"], batching["max_batch_frames"], batching["autotuned"]) == (5, 40, False)
+    with live_server(checkpoint=default_ckpt, max_batch_size=3) as url:  # one explicit limit: the other follows it
+        batching = httpx.get(f"{url}/models/moving-digits-lstm").json()["batching"]
+        assert (batching["max_batch_size"], batching["max_batch_frames"]) == (3, 48)
