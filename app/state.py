@@ -95,26 +95,26 @@ class Service:
             served.batcher.start()
 
     def batch_limits(self, runtime: ModelRuntime) -> tuple[int, int, dict[str, Any] | None]:
-        """(clips, frames, tuning report): measured at warm-up unless both limits were set explicitly."""
+        """(clips, frames, tuning report): measured at warm-up unless MAX_BATCH_SIZE was set explicitly.
+
+        A frame limit set explicitly is kept; otherwise it is the clip limit times the clip length.
+        """
         s = self.settings
-        explicit = {"max_batch_size", "max_batch_frames"} & s.model_fields_set
-        if not s.autotune or len(explicit) == 2:
-            return s.max_batch_size, s.max_batch_frames, None
+        clip_frames = runtime.checkpoint.input["frames"]
+        frames_set = "max_batch_frames" in s.model_fields_set
+        if not s.autotune or "max_batch_size" in s.model_fields_set:
+            frames = s.max_batch_frames if frames_set or not s.autotune else s.max_batch_size * clip_frames
+            return s.max_batch_size, frames, None
         spec = runtime.checkpoint.input
         choice = choose_batch_limits(
             runtime.infer,
-            frames=spec["frames"],
+            frames=clip_frames,
             shape=(spec["channels"], spec["height"], spec["width"]),
             budget_ms=s.latency_budget_ms,
-            max_size=s.max_batch_size if "max_batch_size" in explicit else 64,
         )
-        size = s.max_batch_size if "max_batch_size" in explicit else choice.max_batch_size
-        if "max_batch_frames" in explicit:
-            frames = s.max_batch_frames
-        else:
-            frames = size * spec["frames"] if "max_batch_size" in explicit else choice.max_batch_frames
-        log.info("%s: batches of at most %d clips and %d frames", runtime.name, size, frames)
-        return size, frames, choice.to_dict()
+        frames = s.max_batch_frames if frames_set else choice.max_batch_frames
+        log.info("%s: batches of at most %d clips and %d frames", runtime.name, choice.max_batch_size, frames)
+        return choice.max_batch_size, frames, choice.to_dict()
 
     async def close(self) -> None:
         """Stop taking work, answer everything accepted, then release the threads."""

@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import ceiling, data_pipeline
+from bench import ceiling, compare, data_pipeline, serve
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="fusionserve benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
     ceiling.add_parser(sub)
+    compare.add_parser(sub)
     data_pipeline.add_parser(sub)
+    serve.add_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

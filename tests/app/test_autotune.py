@@ -53,6 +53,6 @@ def test_server_reports_its_tuning_and_explicit_limits_win(default_ckpt: Path) -
     with live_server(checkpoint=default_ckpt, max_batch_size=5, max_batch_frames=40) as url:
         batching = httpx.get(f"{url}/models/moving-digits-lstm").json()["batching"]
         assert (batching["max_batch_size"], batching["max_batch_frames"], batching["autotuned"]) == (5, 40, False)
-    with live_server(checkpoint=default_ckpt, max_batch_size=3) as url:  # one explicit limit: the other follows it
+    with live_server(checkpoint=default_ckpt, max_batch_size=3) as url:  # the frame limit follows the clip limit
         batching = httpx.get(f"{url}/models/moving-digits-lstm").json()["batching"]
-        assert (batching["max_batch_size"], batching["max_batch_frames"]) == (3, 48)
+        assert (batching["max_batch_size"], batching["max_batch_frames"], batching["autotuned"]) == (3, 48, False)

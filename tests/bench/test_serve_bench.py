@@ -1,0 +1,88 @@
+"""``python -m bench serve`` and ``compare`` against real servers on tiny settings (numbers never asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.serve import HISTOGRAMS, parse_env, server_split
+from models import default_checkpoint
+
+TINY = ["--duration", "1", "--warmup", "0.5", "--clips", "2"]
+LEVEL_KEYS = {"requests", "ok", "clips_per_s", "p50_ms", "p99_ms", "errors", "late", "dropped", "server", "rss"}
+SPLIT_KEYS = {"queue_ms", "decode_ms", "inference_ms_per_batch", "batch_size", "batches", "dropped_clips"}
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "bench", *args, "--checkpoint", str(default_checkpoint()), *TINY]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+
+
+def assert_clean_level(row: dict[str, Any]) -> None:
+    assert set(row) >= LEVEL_KEYS, f"missing {LEVEL_KEYS - set(row)}"
+    assert row["errors"] == {}, row["errors"]
+    assert row["ok"] == row["requests"] > 0
+    assert row["late"] == row["dropped"] == 0
+    assert set(row["server"]) == SPLIT_KEYS
+    assert row["server"]["batches"] > 0
+    assert row["rss"]["max_mb"] >= row["rss"]["start_mb"] > 0
+
+
+def test_serve_bench_reports_every_level_without_errors(tmp_path: Path) -> None:
+    out = tmp_path / "serve.json"
+    proc = run_bench("serve", "--concurrency", "1", "2", "--rates", "5", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [r["concurrency"] for r in result["closed_loop"]] == [1, 2]
+    assert [r["rate"] for r in result["open_loop"]] == [5.0]
+    for row in result["closed_loop"] + result["open_loop"]:
+        assert_clean_level(row)
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "| c=1 |" in proc.stdout and "| 5/s |" in proc.stdout
+
+
+def test_compare_bench_interleaves_both_configurations(tmp_path: Path) -> None:
+    out = tmp_path / "compare.json"
+    sides = ["--a", "", "--b", "MAX_BATCH_DELAY_MS=2"]
+    proc = run_bench("compare", *sides, "--concurrency", "1", "2", "--rounds", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["server_env"] == {"A": {}, "B": {"FUSIONSERVE_MAX_BATCH_DELAY_MS": "2"}}
+    assert set(result["summary"]) == set(result["runs"]) == {"1", "2"}
+    for c, summary in result["summary"].items():
+        assert [len(result["runs"][c][side]) for side in ("A", "B")] == [1, 1]
+        for side in ("A", "B"):
+            assert summary[side]["errors"] == 0
+            assert_clean_level(result["runs"][c][side][0])
+        assert set(summary["ratio_b_over_a"]) == {"clips_per_s", "p50_ms", "p99_ms"}
+
+
+def test_parse_env_prefixes_and_normalises_keys() -> None:
+    env = parse_env(["max-batch-size=4", "FUSIONSERVE_DEVICE=cpu", "max_batch_delay_ms=2.5"])
+    assert env == {
+        "FUSIONSERVE_MAX_BATCH_SIZE": "4",
+        "FUSIONSERVE_DEVICE": "cpu",
+        "FUSIONSERVE_MAX_BATCH_DELAY_MS": "2.5",
+    }
+
+
+def test_server_split_is_the_mean_of_the_histogram_deltas() -> None:
+    before = {f"{h}_{s}": 0.0 for h in HISTOGRAMS.values() for s in ("sum", "count")}
+    before["fusionserve_dropped_clips_total"] = 1.0
+    after = dict(before)
+    after |= {"fusionserve_queue_seconds_sum": 0.03, "fusionserve_queue_seconds_count": 6.0}
+    after |= {"fusionserve_inference_seconds_sum": 0.12, "fusionserve_inference_seconds_count": 3.0}
+    after |= {"fusionserve_batch_size_sum": 6.0, "fusionserve_batch_size_count": 3.0}
+    after["fusionserve_dropped_clips_total"] = 3.0
+    split = server_split(before, after)
+    assert split == {
+        "queue_ms": 5.0,
+        "decode_ms": None,  # nothing decoded in between
+        "inference_ms_per_batch": 40.0,
+        "batch_size": 2.0,
+        "batches": 3.0,
+        "dropped_clips": 2.0,
+    }
