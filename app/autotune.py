@@ -3,9 +3,10 @@
 At warm-up the model's forward time is measured on the actual device for growing
 batch sizes at the model's clip length. The chosen batch size is the one with the
 most clips/s whose forward pass stays within the latency budget; a larger size must
-beat the best so far by at least ``min_gain`` to be chosen, since it costs latency. The
-frame limit follows as batch size x clip length. The sweep stops early once throughput
-stops improving or the budget is exceeded.
+beat the best so far by at least ``min_gain`` (10%) to be chosen, since it costs
+latency. The frame limit follows as batch size x clip length. The sweep doubles the
+batch until the budget or 64 clips; it does not stop at a flat stretch, because on CPUs
+throughput can jump late (cache effects: the seed model gains 1.4x only at 16 clips).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def choose_batch_limits(
     shape: tuple[int, int, int],
     budget_ms: float,
     max_size: int = 64,
-    min_gain: float = 0.05,
+    min_gain: float = 0.1,
     repeats: int = 5,
 ) -> Choice:
     measured: dict[int, dict[str, float]] = {}
@@ -72,11 +73,9 @@ def choose_batch_limits(
         rate = size / seconds
         measured[size] = {"ms": round(seconds * 1000, 3), "clips_per_s": round(rate, 1)}
         if seconds * 1000 > budget_ms and size > 1:
-            break
+            break  # larger batches only take longer
         if rate > best_rate * (1 + min_gain):
             best, best_rate = size, rate
-        elif size >= 4 * best:  # two doublings without a real gain: the curve is flat
-            break
         size *= 2
     choice = Choice(best, best * frames, frames, budget_ms, measured)
     log.info(

@@ -21,6 +21,7 @@ from app.metrics import Metrics
 from app.preprocess import InputLimits
 from app.runtime import ModelRuntime, load_runtimes, pick_device
 from app.settings import Settings
+from models.system import release_free_memory
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,6 +91,7 @@ class Service:
         if s.default_model and s.default_model not in self.models:
             raise ValueError(f"default model {s.default_model!r} is not among the loaded {sorted(self.models)}")
         self.default_model = s.default_model or next(iter(self.models))
+        release_free_memory()  # warm-up and autotune's largest batches need not stay resident
         self.decode_pool = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode")
         for served in self.models.values():
             served.batcher.start()

@@ -33,7 +33,7 @@ def test_a_large_fixed_overhead_favours_big_batches() -> None:
 def test_cost_per_clip_only_keeps_batches_small() -> None:
     choice = choose_batch_limits(fake_forward(0, 10), frames=8, shape=(1, 2, 2), budget_ms=1000, repeats=1)
     assert choice.max_batch_size == 1  # batching buys nothing, so it is not worth its latency
-    assert max(choice.measured) <= 4  # and the sweep stopped early
+    assert max(choice.measured) == 64  # the whole sweep ran: nothing was over the budget
 
 
 def test_the_latency_budget_caps_the_batch() -> None:
