@@ -41,7 +41,7 @@ def seed_shaped_checkpoint(out: Path) -> Path:
 
 
 def resolve_checkpoint(name: str, tmp: Path) -> Path:
-    return seed_shaped_checkpoint(tmp / "seed.safetensors") if name == "seed" else Path(name)
+    return seed_shaped_checkpoint(tmp / "seed-shape-lstm.safetensors") if name == "seed" else Path(name)
 
 
 def per_call(fn: Callable[[], Any], min_time: float = 0.5, min_calls: int = 3) -> float:

@@ -301,6 +301,11 @@ def machine() -> dict[str, Any]:
 
 
 def resolve_checkpoint(path: Path | None) -> Path:
+    """A checkpoint file; ``seed`` writes the seed-shaped model to build/seed-shape-lstm.safetensors."""
+    if path is not None and str(path) == "seed":
+        from bench.ceiling import seed_shaped_checkpoint
+
+        return seed_shaped_checkpoint(Path("build") / "seed-shape-lstm.safetensors")
     if path is not None:
         return path
     from models import default_checkpoint
@@ -389,7 +394,11 @@ def write_outputs(result: dict[str, Any], out: Path | None, stem: str) -> Path:
 
 def add_common(p: argparse.ArgumentParser) -> None:
     """Flags that serve and compare share: what the server loads and what the client sends."""
-    p.add_argument("--checkpoint", type=Path, help="checkpoint the server loads (default: the bundled model)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="checkpoint the server loads, or 'seed' for the seed-shaped model (default: the bundled model)",
+    )
     p.add_argument("--duration", type=float, default=10.0, help="seconds per level")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of discarded closed-loop load first")
     p.add_argument("--frame-size", type=int, default=64, help="canvas size of the sent frames in pixels")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -20,8 +21,10 @@ class FakeModel:
         self.batches: list[list[int]] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = 0  # forward calls started (the worker may be waiting at the gate)
 
     def __call__(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        self.entered += 1
         self.gate.wait()
         self.batches.append(lengths.tolist())
         clips = frames.split(lengths.tolist())
@@ -29,6 +32,14 @@ class FakeModel:
             raise RuntimeError("poisoned clip")
         time.sleep(self.delay_s)
         return torch.stack([torch.tensor([float(c.sum()), float(len(c))]) for c in clips])
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for a condition the worker thread brings about, instead of guessing a sleep."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.002)
 
 
 def clip(frames: int, value: int = 1) -> torch.Tensor:
@@ -53,15 +64,15 @@ def test_a_lone_request_runs_at_once_and_busy_time_gathers_a_batch() -> None:
         assert r.probabilities.tolist() == [12.0, 3.0] and r.batch_size == 1
         model.gate.clear()  # the model is busy: the next requests must gather
         first = asyncio.ensure_future(b.submit(clip(1)))
-        await asyncio.sleep(0.05)
+        await until(lambda: model.entered == 2)
         rest = [asyncio.ensure_future(b.submit(clip(n))) for n in (2, 3, 4)]
-        await asyncio.sleep(0.05)
+        await until(lambda: b.depth == 3)
         model.gate.set()
         results = await asyncio.gather(first, *rest)
         assert [r.probabilities[1].item() for r in results] == [1, 2, 3, 4]
         assert model.batches[1:] == [[1], [2, 3, 4]]
+        await b.close()  # joins the worker: its batch statistics are all recorded
         assert [s.size for s in stats] == [1, 1, 3]
-        await b.close()
 
     asyncio.run(main())
 
@@ -72,9 +83,9 @@ def test_batches_respect_the_clip_and_frame_limits() -> None:
         model.gate.clear()
         b, _, _ = make(model, max_batch_size=3, max_batch_frames=10)
         first = asyncio.ensure_future(b.submit(clip(1)))  # taken alone while the model was idle
-        await asyncio.sleep(0.05)
+        await until(lambda: model.entered == 1)
         tasks = [asyncio.ensure_future(b.submit(clip(n))) for n in (4, 4, 4, 1, 1, 1, 1, 12)]
-        await asyncio.sleep(0.05)
+        await until(lambda: b.depth == 8)
         model.gate.set()
         await asyncio.gather(first, *tasks)
         # At most 3 clips and 10 frames a batch; a lone clip over the frame limit still runs.
@@ -90,9 +101,9 @@ def test_a_failing_batch_fails_only_the_clip_that_caused_it() -> None:
         model.gate.clear()
         b, _, _ = make(model)
         blocker = asyncio.ensure_future(b.submit(clip(1)))
-        await asyncio.sleep(0.05)
+        await until(lambda: model.entered == 1)
         good1, bad, good2 = (asyncio.ensure_future(b.submit(c)) for c in (clip(2), clip(2, 255), clip(3)))
-        await asyncio.sleep(0.05)
+        await until(lambda: b.depth == 3)
         model.gate.set()
         await blocker
         assert (await good1).probabilities[1] == 2 and (await good2).probabilities[1] == 3
@@ -110,9 +121,9 @@ def test_full_queue_is_refused() -> None:
         model.gate.clear()
         b, _, _ = make(model, max_queue=2)
         running = asyncio.ensure_future(b.submit(clip(1)))
-        await asyncio.sleep(0.05)  # taken by the worker; the queue is empty again
+        await until(lambda: model.entered == 1)  # taken by the worker; the queue is empty again
         queued = [asyncio.ensure_future(b.submit(clip(1))) for _ in range(2)]
-        await asyncio.sleep(0.01)
+        await until(lambda: b.depth == 2)
         with pytest.raises(Overloaded):
             await b.submit(clip(1))
         model.gate.set()
@@ -128,20 +139,19 @@ def test_timed_out_and_cancelled_clips_are_dropped_before_compute() -> None:
         model.gate.clear()
         b, _, drops = make(model, timeout_s=0.2)
         running = asyncio.ensure_future(b.submit(clip(1)))
-        await asyncio.sleep(0.05)
+        await until(lambda: model.entered == 1)
         late = asyncio.ensure_future(b.submit(clip(5)))
         gone = asyncio.ensure_future(b.submit(clip(6)))
-        await asyncio.sleep(0.05)
+        await until(lambda: b.depth == 2)
         gone.cancel()  # the caller went away
         with pytest.raises(TimedOut):
             await late
         model.gate.set()
         # The running clip outlived the deadline inside the model, not in the queue: it is answered.
         assert (await running).probabilities[1] == 1
-        await asyncio.sleep(0.1)
+        await b.close()  # the worker drains the queue (dropping both) and stops
         assert model.batches == [[1]]
         assert sorted(drops) == ["cancelled", "cancelled"]
-        await b.close()
 
     asyncio.run(main())
 
@@ -152,12 +162,12 @@ def test_submit_many_is_all_or_nothing() -> None:
         model.gate.clear()
         b, _, _ = make(model, max_queue=4)
         running = asyncio.ensure_future(b.submit(clip(1)))
-        await asyncio.sleep(0.05)
+        await until(lambda: model.entered == 1)
         with pytest.raises(Overloaded):
             await b.submit_many([clip(1)] * 5)
         assert b.depth == 0  # nothing of the refused request was queued
         results = asyncio.ensure_future(b.submit_many([clip(n) for n in (1, 2, 3, 4)]))
-        await asyncio.sleep(0.01)
+        await until(lambda: b.depth == 4)
         model.gate.set()
         assert [r.probabilities[1].item() for r in await results] == [1, 2, 3, 4]
         await running
@@ -204,7 +214,7 @@ def test_close_answers_everything_accepted_then_refuses() -> None:
 def test_max_delay_waits_for_a_fuller_batch() -> None:
     async def main() -> None:
         model = FakeModel()
-        b, _, _ = make(model, max_delay_s=0.2, max_batch_size=4)
+        b, _, _ = make(model, max_delay_s=1.0, max_batch_size=4)
         first = asyncio.ensure_future(b.submit(clip(1)))
         await asyncio.sleep(0.02)
         rest = [asyncio.ensure_future(b.submit(clip(1))) for _ in range(3)]
