@@ -24,20 +24,20 @@ def fake_forward(per_call_ms: float, per_clip_ms: float):  # type: ignore[no-unt
 
 def test_a_large_fixed_overhead_favours_big_batches() -> None:
     choice = choose_batch_limits(
-        fake_forward(20, 0.5), frames=4, shape=(1, 2, 2), budget_ms=1000, max_size=64, repeats=1
+        fake_forward(20, 0.5), frames=4, shape=(1, 2, 2), budget_ms=1000, max_size=64, repeats=3
     )
     assert choice.max_batch_size == 64 and choice.max_batch_frames == 256
     assert choice.measured[64]["clips_per_s"] > 5 * choice.measured[1]["clips_per_s"]
 
 
 def test_cost_per_clip_only_keeps_batches_small() -> None:
-    choice = choose_batch_limits(fake_forward(0, 10), frames=8, shape=(1, 2, 2), budget_ms=1000, repeats=1)
+    choice = choose_batch_limits(fake_forward(0, 10), frames=8, shape=(1, 2, 2), budget_ms=1000, repeats=3)
     assert choice.max_batch_size == 1  # batching buys nothing, so it is not worth its latency
     assert max(choice.measured) == 64  # the whole sweep ran: nothing was over the budget
 
 
 def test_the_latency_budget_caps_the_batch() -> None:
-    choice = choose_batch_limits(fake_forward(20, 2), frames=8, shape=(1, 2, 2), budget_ms=60, repeats=1)
+    choice = choose_batch_limits(fake_forward(20, 2), frames=8, shape=(1, 2, 2), budget_ms=60, repeats=3)
     # 16 clips take 52 ms (within 60), 32 clips take 84 ms: over the budget.
     assert choice.max_batch_size == 16 and 32 in choice.measured
 
