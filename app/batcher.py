@@ -185,11 +185,11 @@ class Batcher:
                 head = self._queue[0]
                 if head.cancelled or head.future.done():
                     self._queue.popleft()
-                    self._on_drop("cancelled")
+                    self._dropped("cancelled")
                     continue
                 if now > head.deadline:
                     self._queue.popleft()
-                    self._on_drop("timeout")
+                    self._dropped("timeout")
                     self._settle(head, exc=TimedOut(f"waited more than {self.timeout_s:g} s in the queue"))
                     continue
                 n = head.clip.shape[0]
@@ -199,6 +199,12 @@ class Batcher:
                 batch.append(self._queue.popleft())
                 frames += n
             return batch
+
+    def _dropped(self, reason: str) -> None:
+        try:
+            self._on_drop(reason)
+        except Exception:  # a metrics callback must never stop the worker
+            log.exception("batcher %s: drop callback failed", self.name)
 
     def _wait_for_fuller_batch(self) -> None:
         until = self._queue[0].enqueued + self.max_delay_s
@@ -228,9 +234,12 @@ class Batcher:
                 self._execute([pending])
             return
         spent = time.perf_counter() - started
+        try:  # statistics first, so metrics read after an answer already count its batch
+            self._on_batch(BatchStats(len(batch), int(lengths.sum()), [started - p.enqueued for p in batch], spent))
+        except Exception:
+            log.exception("batcher %s: batch statistics callback failed", self.name)
         for pending, row in zip(batch, probs, strict=True):
             self._settle(pending, Result(row, started - pending.enqueued, spent, len(batch)))
-        self._on_batch(BatchStats(len(batch), int(lengths.sum()), [started - p.enqueued for p in batch], spent))
 
     @staticmethod
     def _settle(pending: _Pending, result: Result | None = None, exc: Exception | None = None) -> None:
