@@ -21,15 +21,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import torch
 from PIL import Image
 
 from app.preprocess import InputLimits, decode_image, decode_video, frames_to_clip
+from bench.media import encode_jpeg, encode_mp4, synth_clips
 from models import InputSpec, LSTMHeadConfig, ModelConfig, SmallCNNConfig, build_model, load_checkpoint, save_checkpoint
 from models.system import tune_malloc
-from training.synth import LABELS, SynthConfig, load_digit_splits, render_clip
+from training.synth import LABELS
 
 
 def seed_shaped_checkpoint(out: Path) -> Path:
@@ -93,28 +93,7 @@ def forward_ceiling(
 
 
 def jpeg_frames(size: int, count: int = 16) -> list[bytes]:
-    cfg = SynthConfig(canvas=size, min_frames=count, max_frames=count)
-    clip = render_clip("left", load_digit_splits(0)["test"][0], cfg, np.random.default_rng(0))
-    out = []
-    for frame in clip:
-        buf = io.BytesIO()
-        Image.fromarray(frame).save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
-def mp4_clip(size: int, count: int = 16) -> bytes:
-    cfg = SynthConfig(canvas=size, min_frames=count, max_frames=count)
-    clip = render_clip("left", load_digit_splits(0)["test"][0], cfg, np.random.default_rng(0))
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for frame in clip:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return buf.getvalue()
+    return [encode_jpeg(frame) for frame in synth_clips(1, count, size)[0]]
 
 
 def preprocessing_costs(spec: dict[str, Any], min_time: float) -> list[dict[str, Any]]:
@@ -146,7 +125,7 @@ def preprocessing_costs(spec: dict[str, Any], min_time: float) -> list[dict[str,
                     "ms_per_clip": round(per_call(fn, min_time) * 1000, 3),
                 }
             )
-    video = mp4_clip(64)
+    video = encode_mp4(synth_clips(1, 16, 64)[0])
     rows.append(
         {
             "input": "MP4 16 frames 64x64",

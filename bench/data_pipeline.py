@@ -19,38 +19,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-import av
-import numpy as np
 import torch
-from PIL import Image
 
+from bench.media import encode_jpeg, encode_mp4, synth_clips
 from training.config import TrainConfig
 from training.data import ClipDataset
 from training.fit import Dist, make_loader
-from training.synth import LABELS, SynthConfig, load_digit_splits, render_clip
+from training.synth import LABELS
 
 
 def write_corpus(root: Path, clips: int, length: int, size: int) -> None:
     """``clips`` moving-digit clips per layout: root/jpeg/test/<label>/<clip>/*.jpg and root/mp4/test/<label>/*.mp4."""
-    cfg = SynthConfig(canvas=size, min_frames=length, max_frames=length)
-    digits = load_digit_splits(0)["test"]
-    rng = np.random.default_rng(0)
-    for i in range(clips):
+    for i, frames in enumerate(synth_clips(clips, length, size)):
         label = LABELS[i % len(LABELS)]
-        frames = render_clip(label, digits[i % len(digits)], cfg, rng)
         folder = root / "jpeg" / "test" / label / f"clip{i:04d}"
         folder.mkdir(parents=True)
         for t, frame in enumerate(frames):
-            Image.fromarray(frame).save(folder / f"{t:03d}.jpg", quality=90)
+            (folder / f"{t:03d}.jpg").write_bytes(encode_jpeg(frame))
         video = root / "mp4" / "test" / label / f"clip{i:04d}.mp4"
         video.parent.mkdir(parents=True, exist_ok=True)
-        with av.open(str(video), mode="w") as container:
-            stream = container.add_stream("libx264", rate=25)
-            stream.width = stream.height = size
-            stream.pix_fmt = "yuv420p"
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode())
+        video.write_bytes(encode_mp4(frames))
     for layout in ("jpeg", "mp4"):
         (root / layout / "classes.txt").write_text("\n".join(LABELS) + "\n")
 

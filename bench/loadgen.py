@@ -24,12 +24,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import av
 import httpx
 import numpy as np
-from PIL import Image
 
-from training.synth import LABELS, SynthConfig, load_digit_splits, render_clip
+from bench.media import encode_jpeg, encode_mp4, synth_clips
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +62,6 @@ class LevelResult:
         }
 
 
-def synth_clips(count: int, frames: int, size: int, seed: int = 0) -> list[np.ndarray]:
-    """``count`` moving-digits clips of ``frames`` uint8 (size, size, 3) frames, labels cycled."""
-    cfg = SynthConfig(canvas=size, min_frames=frames, max_frames=frames)
-    digits = load_digit_splits(seed)["test"]
-    rng = np.random.default_rng(seed)
-    return [render_clip(LABELS[i % len(LABELS)], digits[i % len(digits)], cfg, rng) for i in range(count)]
-
-
 def multipart(parts: list[tuple[str, str, bytes, str]]) -> tuple[bytes, str]:
     """A multipart/form-data body from (field, filename, data, content type) parts; returns (body, content type)."""
     boundary = uuid.uuid4().hex
@@ -88,26 +78,14 @@ def multipart(parts: list[tuple[str, str, bytes, str]]) -> tuple[bytes, str]:
 
 def jpeg_payload(clip: np.ndarray, quality: int = 90) -> Payload:
     """Each frame of ``clip`` (T, H, W, 3) as one ``frames`` JPEG part, in order."""
-    parts = []
-    for t, frame in enumerate(clip):
-        buf = io.BytesIO()
-        Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
-        parts.append(("frames", f"{t:03d}.jpg", buf.getvalue(), "image/jpeg"))
+    parts = [("frames", f"{t:03d}.jpg", encode_jpeg(frame, quality), "image/jpeg") for t, frame in enumerate(clip)]
     body, ctype = multipart(parts)
     return Payload(body, ctype, len(clip))
 
 
 def mp4_payload(clip: np.ndarray, fps: int = 25) -> Payload:
     """``clip`` (T, H, W, 3) encoded with libx264 as one ``video`` part."""
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = clip.shape[2], clip.shape[1]
-        stream.pix_fmt = "yuv420p"
-        for frame in clip:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    body, ctype = multipart([("video", "clip.mp4", buf.getvalue(), "video/mp4")])
+    body, ctype = multipart([("video", "clip.mp4", encode_mp4(clip, fps), "video/mp4")])
     return Payload(body, ctype, len(clip))
 
 
