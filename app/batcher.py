@@ -7,6 +7,11 @@ only when ``max_delay_s`` asks for one). A clip whose caller timed out or went a
 is dropped before it costs compute. A batch that raises is retried clip by clip, so
 only the clip that causes the failure fails. ``close`` stops taking work, answers
 every accepted clip, then stops the worker.
+
+With ``launch`` (the CUDA path) the worker keeps two batches in flight: it starts the
+next batch (its host-to-device copy and queued kernels) before it waits for the
+current one, so copies and Python overhead overlap the GPU's work. Without it (the
+CPU, where a forward pass is done when it returns) batches run one after another.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -71,6 +77,21 @@ class _Pending:
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class Launched(Protocol):
+    def wait(self) -> torch.Tensor: ...
+
+
+Launch = Callable[[torch.Tensor, torch.Tensor], Launched]
+
+
+@dataclass
+class _InFlight:
+    batch: list[_Pending]
+    lengths: torch.Tensor
+    started: float
+    handle: Launched
+
+
 class Batcher:
     def __init__(
         self,
@@ -84,11 +105,13 @@ class Batcher:
         timeout_s: float,
         on_batch: Callable[[BatchStats], None] | None = None,
         on_drop: Callable[[str], None] | None = None,
+        launch: Launch | None = None,
     ) -> None:
         if max_batch_size < 1 or max_batch_frames < 1 or max_queue < 1 or timeout_s <= 0 or max_delay_s < 0:
             raise ValueError("batch limits, queue size and timeout must be positive")
         self.name = name
         self._forward = forward
+        self._launch = launch
         self.max_batch_size, self.max_batch_frames = max_batch_size, max_batch_frames
         self.max_delay_s, self.max_queue, self.timeout_s = max_delay_s, max_queue, timeout_s
         self._on_batch = on_batch or (lambda stats: None)
@@ -159,23 +182,56 @@ class Batcher:
     # --- worker thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        inflight: _InFlight | None = None
         while True:
-            batch = self._collect()
+            batch = self._collect(block=inflight is None)
             if batch is None:
                 return
-            try:
-                self._execute(batch)
-            except Exception as exc:  # never let the worker die with clips in hand
-                log.exception("batcher %s: unexpected error", self.name)
-                for pending in batch:
-                    self._settle(pending, exc=InferenceFailed(f"internal error: {exc}"))
+            launched = self._guarded(self._start, batch) if batch else None
+            if inflight is not None:
+                self._guarded(self._finish, inflight)
+            inflight = launched
 
-    def _collect(self) -> list[_Pending] | None:
+    def _guarded(self, step: Callable[..., _InFlight | None], arg: list[_Pending] | _InFlight) -> _InFlight | None:
+        try:
+            return step(arg)
+        except Exception as exc:  # never let the worker die with clips in hand
+            log.exception("batcher %s: unexpected error", self.name)
+            for pending in arg.batch if isinstance(arg, _InFlight) else arg:
+                self._settle(pending, exc=InferenceFailed(f"internal error: {exc}"))
+            return None
+
+    def _start(self, batch: list[_Pending]) -> _InFlight | None:
+        """Run the batch now, or with ``launch`` start it and return it to finish later."""
+        if self._launch is None:
+            self._execute(batch)
+            return None
+        started = time.perf_counter()
+        try:
+            frames = torch.cat([p.clip for p in batch])
+            lengths = torch.tensor([p.clip.shape[0] for p in batch])
+            return _InFlight(batch, lengths, started, self._launch(frames, lengths))
+        except Exception:
+            self._execute(batch)  # it failed to start: run it the plain way, clip by clip if need be
+            return None
+
+    def _finish(self, inflight: _InFlight) -> None:
+        try:
+            probs = inflight.handle.wait()
+            if probs.shape[0] != len(inflight.batch):
+                raise RuntimeError(f"the model returned {probs.shape[0]} rows for {len(inflight.batch)} clips")
+        except Exception:
+            self._execute(inflight.batch)
+            return
+        self._answer(inflight.batch, inflight.lengths, inflight.started, probs)
+
+    def _collect(self, block: bool = True) -> list[_Pending] | None:
+        """The next batch; [] when ``block`` is false and nothing waits; None once closed and empty."""
         with self._cond:
-            while not self._queue and not self._closing:
+            while block and not self._queue and not self._closing:
                 self._cond.wait()
             if not self._queue:
-                return None  # closing, and everything accepted was answered
+                return None if block else []  # closing, and everything accepted was answered
             if self.max_delay_s > 0 and not self._closing:
                 self._wait_for_fuller_batch()
             batch: list[_Pending] = []
@@ -216,12 +272,15 @@ class Batcher:
                 return
             self._cond.wait(left)
 
+    def _run_now(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self._launch(frames, lengths).wait() if self._launch is not None else self._forward(frames, lengths)
+
     def _execute(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
         try:
             frames = torch.cat([p.clip for p in batch])  # (N, C, H, W)
             lengths = torch.tensor([p.clip.shape[0] for p in batch])
-            probs = self._forward(frames, lengths)  # (B, K)
+            probs = self._run_now(frames, lengths)  # (B, K)
             if probs.shape[0] != len(batch):
                 raise RuntimeError(f"the model returned {probs.shape[0]} rows for {len(batch)} clips")
         except Exception as exc:
@@ -233,6 +292,9 @@ class Batcher:
             for pending in batch:
                 self._execute([pending])
             return
+        self._answer(batch, lengths, started, probs)
+
+    def _answer(self, batch: list[_Pending], lengths: torch.Tensor, started: float, probs: torch.Tensor) -> None:
         spent = time.perf_counter() - started
         try:  # statistics first, so metrics read after an answer already count its batch
             self._on_batch(BatchStats(len(batch), int(lengths.sum()), [started - p.enqueued for p in batch], spent))

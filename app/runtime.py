@@ -1,14 +1,28 @@
 """One loaded model on one device: warm-up and batched forward passes.
 
-``ModelRuntime.infer`` is called from the batcher's worker thread only. On CUDA the
-batch is staged in pinned host memory and copied without blocking; the forward runs
-under ``torch.inference_mode()`` and returns probabilities on the CPU.
+``ModelRuntime`` is used from the batcher's worker thread only (and from the loader
+before the worker starts). ``infer`` runs a batch and returns probabilities on the
+CPU. ``launch`` starts one and returns a handle whose ``wait`` gives them: on the CPU
+the work is done by then; on CUDA only queued, so the batcher can copy the next batch
+while this one computes.
+
+On CUDA:
+- the batch is staged in pinned host memory and copied on a side stream without
+  blocking, so a copy overlaps the forward pass of the batch before it;
+- ``precision`` ``bf16`` runs the model under bfloat16 autocast (``auto`` picks it
+  where the GPU supports it);
+- with ``cuda_graphs``, batches whose clips all have the same length are padded to a
+  power-of-two bucket of clips and replayed from a CUDA graph captured once per
+  (bucket, length), which removes the launch overhead of the many small kernels of
+  a small model. Ragged batches run eagerly. A capture that fails turns graphs off
+  for this model (logged), it never fails a request.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +32,8 @@ from app.preprocess import InputLimits
 from models import Checkpoint, CheckpointError, load_checkpoint
 
 log = logging.getLogger(__name__)
+
+MAX_GRAPHS = 64  # captured (bucket, length) shapes per model; later shapes run eagerly
 
 
 def pick_device(name: str) -> torch.device:
@@ -29,10 +45,67 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def pick_precision(name: str, device: torch.device) -> str:
+    """auto: bf16 on a CUDA device that supports it, else fp32."""
+    if name != "auto":
+        return name
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def bucket(clips: int) -> int:
+    """The power of two at or above ``clips``: the batch size a CUDA graph is captured for."""
+    return 1 << (clips - 1).bit_length()
+
+
+class Done:
+    """A batch whose probabilities are already computed (the CPU path)."""
+
+    def __init__(self, probs: torch.Tensor) -> None:
+        self._probs = probs
+
+    def wait(self) -> torch.Tensor:
+        return self._probs
+
+
+class Queued:
+    """A batch queued on a CUDA stream; ``wait`` blocks until its probabilities are on the host."""
+
+    def __init__(self, probs: torch.Tensor, done: torch.cuda.Event, keep: torch.Tensor) -> None:
+        self._probs, self._done = probs, done
+        self._keep: torch.Tensor | None = keep  # the pinned input, alive until its copy has run
+
+    def wait(self) -> torch.Tensor:
+        self._done.synchronize()
+        self._keep = None
+        return self._probs
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    frames: torch.Tensor  # static input (bucket * T, C, H, W) uint8 on the device
+    probs: torch.Tensor  # static output (bucket, K) float32 on the device
+
+
 @dataclass
 class ModelRuntime:
     checkpoint: Checkpoint
     device: torch.device
+    precision: str = "fp32"  # fp32 or bf16
+    cuda_graphs: bool = False
+    _graphs: dict[tuple[int, int], _Graph] = field(default_factory=dict, init=False, repr=False)
+    _pool: Any = field(default=None, init=False, repr=False)
+    _copy_stream: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.device.type != "cuda":
+            self.cuda_graphs = False
+        else:
+            self._copy_stream = torch.cuda.Stream(self.device)
 
     @property
     def name(self) -> str:
@@ -50,20 +123,118 @@ class ModelRuntime:
         spec = self.checkpoint.input
         return InputLimits(spec["height"], spec["width"], spec["channels"], spec["frames"], max_frames, max_pixels)
 
-    @torch.inference_mode()
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        # cache_enabled=False: cached weight casts must not outlive a graph capture
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+    def _probs(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            logits = self.checkpoint.model(frames, lengths)
+        return logits.float().softmax(dim=-1)
+
     def infer(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """frames: (N, C, H, W) uint8 of B clips, lengths: (B,) -> probabilities (B, K) float32 on the CPU."""
-        if self.device.type == "cuda":
-            frames = frames.pin_memory().to(self.device, non_blocking=True)
-        logits = self.checkpoint.model(frames, lengths)
-        return logits.float().softmax(dim=-1).cpu()
+        return self.launch(frames, lengths).wait()
+
+    @torch.inference_mode()
+    def launch(self, frames: torch.Tensor, lengths: torch.Tensor) -> Done | Queued:
+        """Start a batch (same arguments as ``infer``); ``.wait()`` on the result gives its probabilities."""
+        if self.device.type != "cuda":
+            return Done(self._probs(frames, lengths).cpu())
+        pinned = frames.pin_memory()
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            on_device = pinned.to(self.device, non_blocking=True)
+        compute.wait_stream(self._copy_stream)
+        on_device.record_stream(compute)  # allocated on the copy stream, used on this one
+        probs = self._forward_cuda(on_device, lengths)
+        out = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
+        out.copy_(probs, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(compute)
+        return Queued(out, done, pinned)
+
+    def _forward_cuda(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        clips = lengths.numel()
+        T = int(lengths[0]) if clips else 0
+        if self.cuda_graphs and clips and bool((lengths == T).all()):
+            graph = self._graph(bucket(clips), T)
+            if graph is not None:
+                graph.frames[: frames.shape[0]].copy_(frames)  # rows past it: stale clips, answers ignored
+                graph.graph.replay()
+                return graph.probs[:clips].clone()  # the next replay overwrites the static output
+        return self._probs(frames, lengths)
+
+    def _graph(self, clips: int, T: int) -> _Graph | None:
+        key = (clips, T)
+        if key in self._graphs or len(self._graphs) >= MAX_GRAPHS:
+            return self._graphs.get(key)
+        spec = self.checkpoint.input
+        static = torch.zeros(clips * T, spec["height"], spec["width"], spec["channels"], dtype=torch.uint8)
+        static = static.permute(0, 3, 1, 2).to(self.device)  # channels-last, as decoded frames arrive
+        model = self.checkpoint.model
+
+        def run() -> torch.Tensor:
+            with self._autocast():
+                return model.forward_uniform(static, clips).float().softmax(dim=-1)
+
+        try:
+            side = torch.cuda.Stream(self.device)  # warm up off the default stream, as capture requires
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    run()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()  # graphs replay one at a time: one pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                probs = run()
+        except Exception as exc:  # e.g. a kernel that cannot be captured: run eagerly from now on
+            log.warning(
+                "%s: CUDA graph capture failed, %d clips of %d frames (%s): graphs off", self.name, clips, T, exc
+            )
+            self.cuda_graphs = False
+            torch.cuda.synchronize(self.device)
+            return None
+        self._graphs[key] = _Graph(graph, static, probs)
+        log.debug("%s: captured a CUDA graph for %d clips of %d frames", self.name, clips, T)
+        return self._graphs[key]
+
+    @torch.inference_mode()
+    def prepare(self, max_batch_size: int) -> None:
+        """Capture the CUDA graphs for every bucket up to ``max_batch_size`` at the model's clip length."""
+        if not self.cuda_graphs:
+            return
+        size = 1
+        while size <= bucket(max_batch_size) and self.cuda_graphs:
+            self._graph(size, self.checkpoint.input["frames"])
+            size *= 2
 
     def warm_up(self, max_frames: int) -> None:
-        """Run a few dummy batches so first requests don't pay for lazy initialisation."""
+        """Run a few dummy batches so first requests don't pay for lazy initialisation.
+
+        If bf16 fails on this device, fall back to fp32 (logged) rather than fail later.
+        """
         spec = self.checkpoint.input
-        for batch, length in ((1, 1), (1, spec["frames"]), (4, min(max_frames, spec["frames"]))):
-            frames = torch.zeros(batch * length, spec["channels"], spec["height"], spec["width"], dtype=torch.uint8)
-            self.infer(frames, torch.full((batch,), length))
+        shapes = ((1, 1), (1, spec["frames"]), (4, min(max_frames, spec["frames"])))
+        try:
+            for batch, length in shapes:
+                self._warm(batch, length)
+        except Exception as exc:
+            if self.precision == "fp32":
+                raise
+            log.warning("%s: %s inference failed on %s (%s); using fp32", self.name, self.precision, self.device, exc)
+            self.precision = "fp32"
+            for batch, length in shapes:
+                self._warm(batch, length)
+
+    def _warm(self, batch: int, length: int) -> None:
+        spec = self.checkpoint.input
+        frames = torch.zeros(batch * length, spec["channels"], spec["height"], spec["width"], dtype=torch.uint8)
+        self.infer(frames, torch.full((batch,), length))
 
     def describe(self) -> dict[str, Any]:
         meta = self.checkpoint.metadata
@@ -75,6 +246,8 @@ class ModelRuntime:
             "metrics": meta["metrics"],
             "arch": meta["arch"],
             "device": str(self.device),
+            "precision": self.precision,
+            "cuda_graphs": self.cuda_graphs,
             "created_at": meta["created_at"],
         }
 
@@ -88,7 +261,9 @@ def find_checkpoints(path: Path) -> list[Path]:
     return [path]
 
 
-def load_runtimes(path: Path, device: torch.device) -> dict[str, ModelRuntime]:
+def load_runtimes(
+    path: Path, device: torch.device, precision: str = "fp32", cuda_graphs: bool = False
+) -> dict[str, ModelRuntime]:
     """Every checkpoint at ``path`` (a file or a folder), keyed by the name in its metadata."""
     runtimes: dict[str, ModelRuntime] = {}
     for file in find_checkpoints(path):
@@ -97,6 +272,6 @@ def load_runtimes(path: Path, device: torch.device) -> dict[str, ModelRuntime]:
             raise CheckpointError(
                 file, f"model name {ckpt.name!r} is already used by {runtimes[ckpt.name].checkpoint.path}"
             )
-        runtimes[ckpt.name] = ModelRuntime(ckpt, device)
-        log.info("loaded %s v%s from %s on %s", ckpt.name, ckpt.version, file, device)
+        runtime = runtimes[ckpt.name] = ModelRuntime(ckpt, device, pick_precision(precision, device), cuda_graphs)
+        log.info("loaded %s v%s from %s on %s (%s)", ckpt.name, ckpt.version, file, device, runtime.precision)
     return runtimes

@@ -64,6 +64,8 @@ class ModelInfo(BaseModel):
     metrics: dict[str, Any]
     arch: dict[str, Any]
     device: str
+    precision: str = Field(description="fp32, or bf16 (autocast) on a GPU that supports it")
+    cuda_graphs: bool = Field(description="equal-length batches replay captured CUDA graphs")
     created_at: str
     batching: dict[str, Any]
 

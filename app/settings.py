@@ -20,6 +20,10 @@ class Settings(BaseSettings):
     )
     default_model: str | None = Field(None, description="model that /predict serves; default: the first loaded")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on a GPU that supports it, else fp32"
+    )
+    cuda_graphs: bool = Field(True, description="on CUDA: replay equal-length batches from captured CUDA graphs")
     max_batch_size: int = Field(32, ge=1, description="most clips in one batch (set: overrides autotune)")
     max_batch_frames: int = Field(
         512, ge=1, description="most frames in one batch; a longer lone clip still runs (set: overrides autotune)"

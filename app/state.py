@@ -67,14 +67,17 @@ class Service:
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
         device = pick_device(s.device)
-        runtimes = load_runtimes(s.checkpoint, device)
+        runtimes = load_runtimes(s.checkpoint, device, s.precision, s.cuda_graphs)
         for name, runtime in runtimes.items():
             if s.warmup:
                 runtime.warm_up(s.max_frames)
             size, frames, tuning = self.batch_limits(runtime)
+            runtime.prepare(size)  # CUDA graphs for every batch bucket, before the first request
             batcher = Batcher(
                 name,
                 runtime.infer,
+                # on CUDA the forward is queued, not waited for: copy the next batch meanwhile
+                launch=runtime.launch if device.type == "cuda" else None,
                 max_batch_size=size,
                 max_batch_frames=frames,
                 max_delay_s=s.max_batch_delay_ms / 1000,

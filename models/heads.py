@@ -43,6 +43,15 @@ class TemporalHead(nn.Module):
         """FLOPs that torch's flop counter misses (fused RNN kernels) for a clip of ``length``."""
         return 0
 
+    def forward_full(self, feats: torch.Tensor) -> torch.Tensor:
+        """feats: (B, T, D) where every clip has all T frames -> logits (B, K).
+
+        Same logits as ``forward`` with lengths all T, without reading anything back to
+        the host, so a CUDA graph can capture it.
+        """
+        B, T = feats.shape[:2]
+        return self(feats, torch.full((B,), T, device=feats.device))
+
 
 class MeanHead(TemporalHead):
     """Order-blind baseline: masked mean over time, then linear. Streams trivially."""
@@ -93,6 +102,11 @@ class LSTMHead(TemporalHead):
         _, (h, _) = self.lstm(packed)  # h: (layers * dirs, B, H), already unsorted
         last = torch.cat(list(h[-self.directions :]), dim=-1)  # (B, H * dirs)
         return self.fc(self.dropout(last))
+
+    def forward_full(self, feats: torch.Tensor) -> torch.Tensor:
+        # Full-length clips need no packing (and packing would read the lengths on the host).
+        _, (h, _) = self.lstm(feats)
+        return self.fc(self.dropout(torch.cat(list(h[-self.directions :]), dim=-1)))
 
     def init_state(self, batch: int, device: torch.device | None = None) -> State:
         if not self.causal:

@@ -228,3 +228,75 @@ def test_max_delay_waits_for_a_fuller_batch() -> None:
 def test_bad_limits_are_refused() -> None:
     with pytest.raises(ValueError):
         Batcher("m", FakeModel(), max_batch_size=0, max_batch_frames=1, max_delay_s=0, max_queue=1, timeout_s=1)
+
+
+class Deferred:
+    """A ``launch`` that, like CUDA, only queues the work: the model runs when ``wait`` is called."""
+
+    def __init__(self, model: FakeModel, fail_launch: bool = False) -> None:
+        self.model, self.fail_launch = model, fail_launch
+        self.events: list[str] = []  # "launch N" / "wait N", in the worker's order
+
+    def __call__(self, frames: torch.Tensor, lengths: torch.Tensor) -> Deferred.Handle:
+        n = len([e for e in self.events if e.startswith("launch")])
+        self.events.append(f"launch {n}")
+        if self.fail_launch and n == 0:
+            raise RuntimeError("could not start")
+        return Deferred.Handle(self, n, frames, lengths)
+
+    class Handle:
+        def __init__(self, owner: Deferred, n: int, frames: torch.Tensor, lengths: torch.Tensor) -> None:
+            self.owner, self.n, self.frames, self.lengths = owner, n, frames, lengths
+
+        def wait(self) -> torch.Tensor:
+            self.owner.events.append(f"wait {self.n}")
+            return self.owner.model(self.frames, self.lengths)
+
+
+def make_pipelined(model: FakeModel, launch: Deferred, **kw: object) -> tuple[Batcher, list[BatchStats]]:
+    stats: list[BatchStats] = []
+    opts = {"max_batch_size": 2, "max_batch_frames": 100, "max_delay_s": 0.0, "max_queue": 64, "timeout_s": 10.0}
+    opts.update(kw)
+    b = Batcher("m", model, on_batch=stats.append, launch=launch, **opts)  # type: ignore[arg-type]
+    b.start()
+    return b, stats
+
+
+def test_with_launch_the_next_batch_starts_before_the_current_one_is_waited_for() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        model.gate.clear()  # the first wait blocks until the queue holds more work
+        launch = Deferred(model)
+        b, stats = make_pipelined(model, launch)
+        first = asyncio.ensure_future(b.submit(clip(3, 1)))
+        await until(lambda: model.entered == 1)
+        rest = asyncio.ensure_future(b.submit_many([clip(2, v) for v in (2, 3, 4, 5)]))
+        await asyncio.sleep(0.05)  # the worker is still inside the first wait
+        model.gate.set()
+        r1, results = await first, await rest
+        assert r1.probabilities.tolist() == [3.0 * 4, 3.0]
+        assert [r.probabilities[0].item() for r in results] == [2 * 4 * v for v in (2, 3, 4, 5)]
+        # once work is queued, the next batch is launched before the current one is waited for
+        assert launch.events.index("launch 2") < launch.events.index("wait 1"), launch.events
+        assert sum(s.size for s in stats) == 5
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_with_launch_failures_fall_back_to_clip_by_clip() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        launch = Deferred(model, fail_launch=True)
+        b, _ = make_pipelined(model, launch, max_batch_size=8)
+        results = await asyncio.gather(
+            b.submit(clip(2, 1)), b.submit(clip(2, 255)), b.submit(clip(2, 3)), return_exceptions=True
+        )
+        assert not isinstance(results[0], BaseException) and results[0].probabilities[0].item() == 2 * 4 * 1
+        assert isinstance(results[1], InferenceFailed)  # fails in wait: only the poisoned clip fails
+        assert not isinstance(results[2], BaseException) and results[2].probabilities[0].item() == 2 * 4 * 3
+        again = await b.submit(clip(1, 7))  # the worker is alive
+        assert again.probabilities[0].item() == 4 * 7
+        await b.close()
+
+    asyncio.run(main())

@@ -71,7 +71,7 @@ def test_ceiling_bench_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert [(r["batch"], r["frames"]) for r in result["forward"]] == [(1, 4), (2, 4)]
-    assert result["best"]["cpu/4"]["clips_per_s"] > 0
+    assert result["best"]["cpu/model/4"]["clips_per_s"] > 0
     assert {r["input"] for r in result["preprocessing"]} == {
         "16 JPEG frames 64x64",
         "16 JPEG frames 224x224",

@@ -93,6 +93,19 @@ def test_clip_logits_do_not_change_with_longer_batchmates(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_equal_length_fast_path_matches_the_ragged_path(name: str) -> None:
+    cfg = CONFIGS[name]
+    model = build_model(cfg).eval()
+    lengths = torch.tensor([6, 6, 6])
+    frames = clip_batch(cfg, lengths.tolist())
+    with torch.no_grad():
+        fast = model(frames, lengths)  # equal lengths: forward_uniform, no padding or packing
+        ragged = model.forward_head(model.forward_features(frames), lengths)
+        assert torch.equal(fast, model.forward_uniform(frames, 3))
+    torch.testing.assert_close(fast, ragged, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_padded_clips_match_ragged_frames(name: str) -> None:
     cfg = CONFIGS[name]
     model = build_model(cfg).eval()

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The CUDA checks in one go, for a machine with an NVIDIA GPU (run from the repository root):
+#   bench/gpu_check.sh OUTDIR
+# 1. the gpu-marked tests (bf16 and fp32 against the CPU, CUDA graphs, batches in flight,
+#    the real server on CUDA); 2. the ceiling on CUDA for the seed-shaped and the bundled
+#    model (model alone; the server's runtime in fp32, bf16, bf16 + CUDA graphs, and two
+#    batches in flight); 3. the real server under load: self-tuned against
+#    MAX_BATCH_SIZE=1 and MAX_BATCH_SIZE=32. Each step's JSON lands in OUTDIR; a step
+#    that fails is reported and the next one still runs. PYTHON picks the interpreter.
+set -u
+out=${1:?usage: bench/gpu_check.sh OUTDIR}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+status=0
+step() {
+    echo "=== $1 ($(date +%T))"
+    shift
+    "$@" || { echo "=== FAILED (exit $?): $*"; status=1; }
+}
+
+step "machine" bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; \
+    $py -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name())'"
+step "gpu tests" "$py" -m pytest -q -m gpu -p no:cacheprovider tests/app/test_cuda.py
+for ckpt in seed models/weights/moving-digits-lstm.safetensors; do
+    name=$(basename "$ckpt" .safetensors)
+    step "ceiling $name" "$py" -m bench ceiling --checkpoint "$ckpt" --lengths 16 --min-time 0.3 \
+        --no-preprocessing --out "$out/ceiling-$name-cuda.json"
+done
+for b in 1 32; do
+    step "compare self-tuned vs MAX_BATCH_SIZE=$b" "$py" -m bench compare --checkpoint seed --a '' \
+        --b "FUSIONSERVE_MAX_BATCH_SIZE=$b" --concurrency 1 8 32 64 --rounds 2 --duration 3 --warmup 1 \
+        --out "$out/compare-cuda-batch$b.json"
+done
+exit $status
