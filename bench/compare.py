@@ -1,4 +1,4 @@
-"""A/B of two server configurations: both up at once, closed-loop runs interleaved A, B, A, B, ...
+"""A/B of two server configurations: both up at once, closed-loop runs interleaved A, B, B, A, A, B, ...
 
 Interleaving over ``--rounds`` spreads drift on a shared machine (other tenants, thermal,
 page cache) over both sides alike; the report gives each side's median per concurrency
@@ -16,6 +16,7 @@ from typing import Any
 from bench import loadgen
 from bench.serve import (
     ServerProcess,
+    closed_loop_load,
     machine,
     measure,
     parse_env,
@@ -65,9 +66,12 @@ async def run_rounds(servers: dict[str, ServerProcess], args: argparse.Namespace
             await warm_up(client, server, payloads, args)
         for c in args.concurrency:
             runs: dict[str, list[dict[str, Any]]] = {side: [] for side in servers}
-            for _ in range(args.rounds):
-                for side, server in servers.items():
-                    load = loadgen.closed_loop(client, f"{server.url}/predict", payloads, c, args.duration)
+            for turn in range(args.rounds):
+                # A B, then B A, ...: a side's position in a round (the first run after a level
+                # change runs colder) does not favour either side
+                order = list(servers.items()) if turn % 2 == 0 else list(servers.items())[::-1]
+                for side, server in order:
+                    load = closed_loop_load(client, f"{server.url}/predict", payloads, c, args)
                     runs[side].append(await measure(client, server, load, args.rss_interval))
             result["runs"][str(c)] = runs
             result["summary"][str(c)] = summarise(runs)
@@ -118,7 +122,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--a", required=True, metavar="KEY=VALUE[,...]", help="settings of server A ('' for defaults)")
     p.add_argument("--b", required=True, metavar="KEY=VALUE[,...]", help="settings of server B")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="closed-loop levels")
-    p.add_argument("--rounds", type=int, default=2, help="A, B turns per concurrency")
+    p.add_argument("--rounds", type=int, default=2, help="turns per concurrency (A B, then B A, ...)")
     p.set_defaults(func=main, duration=5.0)
 
 

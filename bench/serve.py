@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from bench import loadgen
+from bench import loadgen, wrk
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,10 @@ def server_split(before: dict[str, float], after: dict[str, float]) -> dict[str,
 
 
 async def measure(
-    client: httpx.AsyncClient, server: ServerProcess, load: Awaitable[loadgen.LevelResult], rss_interval_s: float
+    client: httpx.AsyncClient,
+    server: ServerProcess,
+    load: Awaitable[loadgen.LevelResult | wrk.WrkResult],
+    rss_interval_s: float,
 ) -> dict[str, Any]:
     """Await ``load`` (one level against ``server``) with RSS sampling and a /metrics delta around it."""
     before = await scrape(client, server.url)
@@ -282,7 +285,7 @@ async def run_levels(server: ServerProcess, args: argparse.Namespace) -> dict[st
         out["server_info"] = await server_info(client, server.url)
         await warm_up(client, server, payloads, args)
         for c in args.concurrency:
-            load = loadgen.closed_loop(client, url, payloads, c, args.duration)
+            load = closed_loop_load(client, url, payloads, c, args)
             out["closed_loop"].append({"concurrency": c, **await measure(client, server, load, args.rss_interval)})
             log.info("closed loop c=%d: %s", c, out["closed_loop"][-1])
         for rate in args.rates:
@@ -392,6 +395,15 @@ def write_outputs(result: dict[str, Any], out: Path | None, stem: str) -> Path:
     return out
 
 
+def closed_loop_load(
+    client: httpx.AsyncClient, url: str, payloads: list[loadgen.Payload], concurrency: int, args: Any
+) -> Awaitable[loadgen.LevelResult | wrk.WrkResult]:
+    """One closed-loop level from ``wrk`` (``--client wrk``, or ``auto`` when it is installed) or the Python client."""
+    if args.client == "wrk" or (args.client == "auto" and wrk.available()):
+        return wrk.closed_loop(url, payloads, concurrency, args.duration)
+    return loadgen.closed_loop(client, url, payloads, concurrency, args.duration)
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     """Flags that serve and compare share: what the server loads and what the client sends."""
     p.add_argument(
@@ -407,6 +419,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clips", type=int, default=8, help="distinct prebuilt request bodies, sent round-robin")
     p.add_argument("--rss-interval", type=float, default=0.25, help="seconds between RSS samples in a level")
     p.add_argument("--out", type=Path, help="JSON result path (default: bench/results/<command>-<time>.json)")
+    p.add_argument(
+        "--client",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="closed-loop load from wrk (auto: when installed; far less client CPU) or the Python client",
+    )
 
 
 def add_parser(sub: Any) -> None:

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from bench import wrk
 from bench.serve import HISTOGRAMS, parse_env, server_split
 from models import default_checkpoint
 
@@ -33,7 +36,7 @@ def assert_clean_level(row: dict[str, Any]) -> None:
 
 def test_serve_bench_reports_every_level_without_errors(tmp_path: Path) -> None:
     out = tmp_path / "serve.json"
-    proc = run_bench("serve", "--concurrency", "1", "2", "--rates", "5", "--out", str(out))
+    proc = run_bench("serve", "--client", "python", "--concurrency", "1", "2", "--rates", "5", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert [r["concurrency"] for r in result["closed_loop"]] == [1, 2]
@@ -86,3 +89,27 @@ def test_server_split_is_the_mean_of_the_histogram_deltas() -> None:
         "batches": 3.0,
         "dropped_clips": 2.0,
     }
+
+
+@pytest.mark.skipif(not wrk.available(), reason="wrk is not installed (Debian package wrk; .ci/run installs it)")
+def test_serve_bench_drives_the_server_with_wrk(tmp_path: Path) -> None:
+    out = tmp_path / "serve-wrk.json"
+    proc = run_bench("serve", "--client", "wrk", "--concurrency", "1", "3", "--rates", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for row in result["closed_loop"]:
+        assert row["client"] == "wrk"
+        assert_clean_level(row)
+        # what wrk counted is what the server answered
+        assert row["server"]["batch_size"] * row["server"]["batches"] >= row["ok"]
+
+
+def test_wrk_report_becomes_a_level_result() -> None:
+    raw = {
+        "requests": 12, "ok": 9, "duration_us": 2_000_000, "bad": "503,503,400,", "connect": 0, "read": 1,
+        "write": 0, "timeout": 0, "p50_us": 1500, "p90_us": 2500, "p99_us": 9000, "mean_us": 1800.0,
+    }  # fmt: skip
+    summary = wrk.WrkResult(raw).summary()
+    assert summary["errors"] == {"400": 1, "503": 2, "wrk-read-error": 1}
+    assert summary["requests"] == 13 and summary["ok"] == 9
+    assert summary["clips_per_s"] == 4.5 and summary["p50_ms"] == 1.5 and summary["p99_ms"] == 9.0
