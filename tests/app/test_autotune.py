@@ -30,10 +30,29 @@ def test_a_large_fixed_overhead_favours_big_batches() -> None:
     assert choice.measured[64]["clips_per_s"] > 5 * choice.measured[1]["clips_per_s"]
 
 
-def test_cost_per_clip_only_keeps_batches_small() -> None:
-    choice = choose_batch_limits(fake_forward(0, 10), frames=8, shape=(1, 2, 2), budget_ms=1000, repeats=3)
-    assert choice.max_batch_size == 1  # batching buys nothing, so it is not worth its latency
-    assert max(choice.measured) == 64  # the whole sweep ran: nothing was over the budget
+def test_flat_throughput_takes_the_largest_batch_within_the_budget() -> None:
+    # 10 ms per clip whatever the batch: batching is throughput-neutral for the model, and a
+    # large limit only fills under load, where it spreads the server's per-batch costs
+    choice = choose_batch_limits(fake_forward(0, 10), frames=8, shape=(1, 2, 2), budget_ms=200, repeats=3)
+    assert choice.max_batch_size == 16  # 16 clips take 160 ms; 32 take 320, over the budget
+    assert max(choice.measured) == 32
+
+
+def slower_past(knee: int, per_clip_ms: float):  # type: ignore[no-untyped-def]
+    """A forward pass whose cost per clip doubles from ``knee`` clips to twice that (a cache falling over)."""
+
+    def forward(frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        n = len(lengths)
+        time.sleep(n * per_clip_ms * (1 + max(0, n - knee) / knee) / 1000)
+        return torch.zeros(n, 2)
+
+    return forward
+
+
+def test_a_batch_size_that_loses_throughput_is_not_chosen() -> None:
+    choice = choose_batch_limits(slower_past(4, 2), frames=8, shape=(1, 2, 2), budget_ms=300, repeats=3)
+    assert choice.max_batch_size == 4  # 8 clips run at half the rate of 4, 16 clips at a quarter
+    assert max(choice.measured) == 32  # 32 clips take 512 ms: over the budget, the sweep stopped
 
 
 def test_the_latency_budget_caps_the_batch() -> None:
