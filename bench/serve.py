@@ -43,15 +43,22 @@ HISTOGRAMS = {
 DROPPED = "fusionserve_dropped_clips_total"
 
 
+RUNTIME_ENV = ("OMP_", "GOMP_", "MKL_", "MALLOC_", "PYTHON", "LD_PRELOAD")  # passed on as they are
+
+
 def parse_env(items: list[str]) -> dict[str, str]:
-    """``KEY=VALUE`` pairs as ``FUSIONSERVE_KEY`` variables (``max-batch-size``, ``MAX_BATCH_SIZE`` alike)."""
+    """``KEY=VALUE`` pairs as ``FUSIONSERVE_KEY`` variables (``max-batch-size``, ``MAX_BATCH_SIZE`` alike).
+
+    Variables of the runtime beneath (``OMP_*``, ``GOMP_*``, ``MKL_*``, ``MALLOC_*``, ``PYTHON*``,
+    ``LD_PRELOAD``) keep their names.
+    """
     env = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"expected KEY=VALUE, got {item!r}")
         key = key.strip().upper().replace("-", "_")
-        env[key if key.startswith("FUSIONSERVE_") else f"FUSIONSERVE_{key}"] = value
+        env[key if key.startswith(("FUSIONSERVE_", *RUNTIME_ENV)) else f"FUSIONSERVE_{key}"] = value
     return env
 
 
@@ -316,11 +323,62 @@ def resolve_checkpoint(path: Path | None) -> Path:
     return default_checkpoint()
 
 
+def in_run_ceiling(checkpoint: Path, frames: int, seconds: float) -> dict[str, Any]:
+    """The model's in-process clips/s at batch sizes 1-64 (``frames`` per clip), sustained over ``seconds``.
+
+    Measured in this process while the server idles, through the server's own runtime on
+    the device the server picks (CUDA when present: bf16 where supported, CUDA graphs;
+    else the CPU, with the allocator tuned as the server tunes it), from uint8 clips in
+    host memory, so that the end-to-end numbers of the same run can be divided by it.
+    """
+    import torch
+
+    from app.runtime import ModelRuntime, pick_device, pick_precision
+    from bench.ceiling import timed_calls
+    from models import load_checkpoint
+    from models.system import tune_malloc
+
+    tune_malloc()
+    device = pick_device("auto")
+    ckpt = load_checkpoint(checkpoint, device=device)
+    runtime = ModelRuntime(ckpt, device, pick_precision("auto", device), cuda_graphs=True)
+    runtime.warm_up(frames)
+    spec = ckpt.input
+    rows = []
+    for batch in (1, 2, 4, 8, 16, 32, 64):
+        clips = torch.randint(
+            0, 256, (batch * frames, spec["height"], spec["width"], spec["channels"]), dtype=torch.uint8
+        )
+        clips = clips.permute(0, 3, 1, 2)  # channels-last strides, as decoded frames arrive
+        lengths = torch.full((batch,), frames)
+        sustained, fastest = timed_calls(lambda c=clips, n=lengths: runtime.infer(c, n), seconds)
+        rows.append(
+            {"batch": batch, "clips_per_s": round(batch / sustained, 1), "peak_clips_per_s": round(batch / fastest, 1)}
+        )
+    best = max(rows, key=lambda r: r["clips_per_s"])
+    return {
+        "device": str(device),
+        "precision": runtime.precision,
+        **{k: best[k] for k in ("clips_per_s", "batch")},
+        "rows": rows,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     env = parse_env(args.env)
     server = ServerProcess(resolve_checkpoint(args.checkpoint), env)
+    ceilings = []
     with running(server):
+        if args.ceiling_time > 0:  # before and after the load: the better of the two is the ceiling
+            ceilings.append(in_run_ceiling(server.checkpoint, args.frames, args.ceiling_time))
         levels = asyncio.run(run_levels(server, args))
+        if args.ceiling_time > 0:
+            ceilings.append(in_run_ceiling(server.checkpoint, args.frames, args.ceiling_time))
+    if ceilings:
+        best = max(ceilings, key=lambda c: c["clips_per_s"])
+        levels["ceiling"] = {**best, "before_after_clips_per_s": [c["clips_per_s"] for c in ceilings]}
+        for row in levels["closed_loop"]:
+            row["of_ceiling"] = round(row["clips_per_s"] / best["clips_per_s"], 3)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("func", "out")}
     return {
         "benchmark": "serve",
@@ -352,6 +410,12 @@ def markdown(result: dict[str, Any]) -> str:
         cells += [s["queue_ms"], s["decode_ms"], s["inference_ms_per_batch"], s["batch_size"]]
         cells.append("/".join(_fmt(m[k]) for k in ("start_mb", "max_mb", "end_mb")))
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    if ceiling := result.get("ceiling"):
+        lines.append(
+            f"\nIn-process ceiling of this run: {ceiling['clips_per_s']:g} clips/s at batch {ceiling['batch']} "
+            f"(before/after the load: {ceiling['before_after_clips_per_s']}); end to end as a share of it: "
+            + ", ".join(f"c={r['concurrency']} {r['of_ceiling']:.0%}" for r in result["closed_loop"])
+        )
     if soak_result := result.get("rss_soak"):
         lines.append(
             f"\nRSS soak (c={soak_result['concurrency']}, {soak_result['duration_s']:g} s): "
@@ -437,6 +501,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-in-flight", type=int, default=256, help="open loop: arrivals over this many are dropped")
     p.add_argument("--rss-soak", type=float, default=0.0, metavar="SECONDS", help="add a long run sampling RSS")
     p.add_argument("--soak-concurrency", type=int, default=64)
+    p.add_argument(
+        "--ceiling-time",
+        type=float,
+        default=1.0,
+        help="seconds per batch size of the in-process ceiling, measured before and after the load (0: skip)",
+    )
     p.set_defaults(func=main)
 
 

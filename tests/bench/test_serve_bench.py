@@ -36,10 +36,26 @@ def assert_clean_level(row: dict[str, Any]) -> None:
 
 def test_serve_bench_reports_every_level_without_errors(tmp_path: Path) -> None:
     out = tmp_path / "serve.json"
-    proc = run_bench("serve", "--client", "python", "--concurrency", "1", "2", "--rates", "5", "--out", str(out))
+    proc = run_bench(
+        "serve",
+        "--client",
+        "python",
+        "--concurrency",
+        "1",
+        "2",
+        "--rates",
+        "5",
+        "--ceiling-time",
+        "0.01",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert [r["concurrency"] for r in result["closed_loop"]] == [1, 2]
+    assert len(result["ceiling"]["before_after_clips_per_s"]) == 2 and result["ceiling"]["clips_per_s"] > 0
+    for row in result["closed_loop"]:
+        assert row["of_ceiling"] == round(row["clips_per_s"] / result["ceiling"]["clips_per_s"], 3)
     assert [r["rate"] for r in result["open_loop"]] == [5.0]
     for row in result["closed_loop"] + result["open_loop"]:
         assert_clean_level(row)
@@ -64,11 +80,12 @@ def test_compare_bench_interleaves_both_configurations(tmp_path: Path) -> None:
 
 
 def test_parse_env_prefixes_and_normalises_keys() -> None:
-    env = parse_env(["max-batch-size=4", "FUSIONSERVE_DEVICE=cpu", "max_batch_delay_ms=2.5"])
+    env = parse_env(["max-batch-size=4", "FUSIONSERVE_DEVICE=cpu", "max_batch_delay_ms=2.5", "OMP_WAIT_POLICY=PASSIVE"])
     assert env == {
         "FUSIONSERVE_MAX_BATCH_SIZE": "4",
         "FUSIONSERVE_DEVICE": "cpu",
         "FUSIONSERVE_MAX_BATCH_DELAY_MS": "2.5",
+        "OMP_WAIT_POLICY": "PASSIVE",  # the runtime's own variables keep their names
     }
 
 
@@ -94,7 +111,9 @@ def test_server_split_is_the_mean_of_the_histogram_deltas() -> None:
 @pytest.mark.skipif(not wrk.available(), reason="wrk is not installed (Debian package wrk; .ci/run installs it)")
 def test_serve_bench_drives_the_server_with_wrk(tmp_path: Path) -> None:
     out = tmp_path / "serve-wrk.json"
-    proc = run_bench("serve", "--client", "wrk", "--concurrency", "1", "3", "--rates", "--out", str(out))
+    proc = run_bench(
+        "serve", "--client", "wrk", "--concurrency", "1", "3", "--rates", "--ceiling-time", "0", "--out", str(out)
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     for row in result["closed_loop"]:
