@@ -95,6 +95,7 @@ class ModelRuntime:
     device: torch.device
     precision: str = "fp32"  # fp32 or bf16
     cuda_graphs: bool = False
+    compiled: bool = False  # the CNN runs through torch.compile (compiled at warm-up)
     _graphs: dict[tuple[int, int], _Graph] = field(default_factory=dict, init=False, repr=False)
     _pool: Any = field(default=None, init=False, repr=False)
     _copy_stream: Any = field(default=None, init=False, repr=False)
@@ -106,6 +107,9 @@ class ModelRuntime:
             self.cuda_graphs = False
         else:
             self._copy_stream = torch.cuda.Stream(self.device)
+        if self.compiled:  # the CNN is where the time goes; dynamic: batches vary in frames
+            model = self.checkpoint.model
+            model.encoder = torch.compile(model.encoder, dynamic=True)  # type: ignore[assignment]
 
     @property
     def name(self) -> str:
@@ -248,6 +252,7 @@ class ModelRuntime:
             "device": str(self.device),
             "precision": self.precision,
             "cuda_graphs": self.cuda_graphs,
+            "compiled": self.compiled,
             "created_at": meta["created_at"],
         }
 
@@ -262,7 +267,7 @@ def find_checkpoints(path: Path) -> list[Path]:
 
 
 def load_runtimes(
-    path: Path, device: torch.device, precision: str = "fp32", cuda_graphs: bool = False
+    path: Path, device: torch.device, precision: str = "fp32", cuda_graphs: bool = False, compiled: bool = False
 ) -> dict[str, ModelRuntime]:
     """Every checkpoint at ``path`` (a file or a folder), keyed by the name in its metadata."""
     runtimes: dict[str, ModelRuntime] = {}
@@ -272,6 +277,7 @@ def load_runtimes(
             raise CheckpointError(
                 file, f"model name {ckpt.name!r} is already used by {runtimes[ckpt.name].checkpoint.path}"
             )
-        runtime = runtimes[ckpt.name] = ModelRuntime(ckpt, device, pick_precision(precision, device), cuda_graphs)
+        runtime = ModelRuntime(ckpt, device, pick_precision(precision, device), cuda_graphs, compiled)
+        runtimes[ckpt.name] = runtime
         log.info("loaded %s v%s from %s on %s (%s)", ckpt.name, ckpt.version, file, device, runtime.precision)
     return runtimes

@@ -66,6 +66,7 @@ class ModelInfo(BaseModel):
     device: str
     precision: str = Field(description="fp32, or bf16 (autocast) on a GPU that supports it")
     cuda_graphs: bool = Field(description="equal-length batches replay captured CUDA graphs")
+    compiled: bool = Field(description="the CNN runs through torch.compile")
     created_at: str
     batching: dict[str, Any]
 

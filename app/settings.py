@@ -24,6 +24,7 @@ class Settings(BaseSettings):
         "auto", description="auto: bf16 autocast on a GPU that supports it, else fp32"
     )
     cuda_graphs: bool = Field(True, description="on CUDA: replay equal-length batches from captured CUDA graphs")
+    compile: bool = Field(False, description="torch.compile the model's CNN at start (slower start, faster forward)")
     max_batch_size: int = Field(32, ge=1, description="most clips in one batch (set: overrides autotune)")
     max_batch_frames: int = Field(
         512, ge=1, description="most frames in one batch; a longer lone clip still runs (set: overrides autotune)"

@@ -67,7 +67,7 @@ class Service:
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
         device = pick_device(s.device)
-        runtimes = load_runtimes(s.checkpoint, device, s.precision, s.cuda_graphs)
+        runtimes = load_runtimes(s.checkpoint, device, s.precision, s.cuda_graphs, s.compile)
         for name, runtime in runtimes.items():
             if s.warmup:
                 runtime.warm_up(s.max_frames)
