@@ -11,11 +11,11 @@ On CUDA:
   blocking, so a copy overlaps the forward pass of the batch before it;
 - ``precision`` ``bf16`` runs the model under bfloat16 autocast (``auto`` picks it
   where the GPU supports it);
-- with ``cuda_graphs``, batches whose clips all have the same length are padded to a
-  power-of-two bucket of clips and replayed from a CUDA graph captured once per
-  (bucket, length), which removes the launch overhead of the many small kernels of
-  a small model. Ragged batches run eagerly. A capture that fails turns graphs off
-  for this model (logged), it never fails a request.
+- with ``cuda_graphs``, batches whose clips all have the model's clip length are
+  padded to a power-of-two bucket of clips and replayed from a CUDA graph captured at
+  start (``prepare``) for that bucket, which removes the launch overhead of the many
+  small kernels of a small model. Other lengths and ragged batches run eagerly. A
+  capture that fails turns graphs off for this model (logged), it never fails a request.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from app.preprocess import InputLimits
 from models import Checkpoint, CheckpointError, load_checkpoint
 
 log = logging.getLogger(__name__)
-
-MAX_GRAPHS = 64  # captured (bucket, length) shapes per model; later shapes run eagerly
 
 
 def pick_device(name: str) -> torch.device:
@@ -148,33 +146,32 @@ class ModelRuntime:
         if self.device.type != "cuda":
             return Done(self._probs(frames, lengths).cpu())
         pinned = frames.pin_memory()
-        compute = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(self._copy_stream):
-            on_device = pinned.to(self.device, non_blocking=True)
-        compute.wait_stream(self._copy_stream)
-        on_device.record_stream(compute)  # allocated on the copy stream, used on this one
-        probs = self._forward_cuda(on_device, lengths)
-        out = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
-        out.copy_(probs, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(compute)
+        with torch.cuda.device(self.device):
+            compute = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(self._copy_stream):
+                on_device = pinned.to(self.device, non_blocking=True)
+            with torch.cuda.stream(compute):  # explicit: whatever stream a caller left current
+                compute.wait_stream(self._copy_stream)
+                on_device.record_stream(compute)  # allocated on the copy stream, used on this one
+                probs = self._forward_cuda(on_device, lengths)
+                out = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
+                out.copy_(probs, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(compute)
         return Queued(out, done, pinned)
 
     def _forward_cuda(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         clips = lengths.numel()
         T = int(lengths[0]) if clips else 0
-        if self.cuda_graphs and clips and bool((lengths == T).all()):
-            graph = self._graph(bucket(clips), T)
-            if graph is not None:
-                graph.frames[: frames.shape[0]].copy_(frames)  # rows past it: stale clips, answers ignored
-                graph.graph.replay()
-                return graph.probs[:clips].clone()  # the next replay overwrites the static output
+        graph = self._graphs.get((bucket(clips), T)) if self.cuda_graphs and clips else None
+        if graph is not None and bool((lengths == T).all()):
+            graph.frames[: frames.shape[0]].copy_(frames)  # rows past it: stale clips, answers ignored
+            graph.graph.replay()
+            return graph.probs[:clips].clone()  # the next replay overwrites the static output
         return self._probs(frames, lengths)
 
-    def _graph(self, clips: int, T: int) -> _Graph | None:
-        key = (clips, T)
-        if key in self._graphs or len(self._graphs) >= MAX_GRAPHS:
-            return self._graphs.get(key)
+    def _capture(self, clips: int, T: int) -> _Graph:
+        """One CUDA graph of the forward pass for ``clips`` clips of ``T`` frames (raises if capture fails)."""
         spec = self.checkpoint.input
         static = torch.zeros(clips * T, spec["height"], spec["width"], spec["channels"], dtype=torch.uint8)
         static = static.permute(0, 3, 1, 2).to(self.device)  # channels-last, as decoded frames arrive
@@ -184,38 +181,48 @@ class ModelRuntime:
             with self._autocast():
                 return model.forward_uniform(static, clips).float().softmax(dim=-1)
 
-        try:
-            side = torch.cuda.Stream(self.device)  # warm up off the default stream, as capture requires
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    run()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()  # graphs replay one at a time: one pool
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                probs = run()
-        except Exception as exc:  # e.g. a kernel that cannot be captured: run eagerly from now on
-            log.warning(
-                "%s: CUDA graph capture failed, %d clips of %d frames (%s): graphs off", self.name, clips, T, exc
-            )
-            self.cuda_graphs = False
-            torch.cuda.synchronize(self.device)
-            return None
-        self._graphs[key] = _Graph(graph, static, probs)
-        log.debug("%s: captured a CUDA graph for %d clips of %d frames", self.name, clips, T)
-        return self._graphs[key]
+        side = torch.cuda.Stream(self.device)  # warm up and capture off the default stream
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                run()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # graphs replay one at a time: one pool
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: another model's worker using CUDA meanwhile cannot spoil this capture
+        with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
+            probs = run()
+        return _Graph(graph, static, probs)
 
     @torch.inference_mode()
     def prepare(self, max_batch_size: int) -> None:
-        """Capture the CUDA graphs for every bucket up to ``max_batch_size`` at the model's clip length."""
+        """Capture the CUDA graphs, before serving: every power-of-two bucket up to ``max_batch_size``
+        clips at the model's clip length (other lengths, and ragged batches, run eagerly).
+
+        Capturing only here, never while requests are served, keeps a capture from stalling the
+        device or meeting another model's work. A failed capture turns graphs off (logged).
+        """
         if not self.cuda_graphs:
             return
-        size = 1
-        while size <= bucket(max_batch_size) and self.cuda_graphs:
-            self._graph(size, self.checkpoint.input["frames"])
-            size *= 2
+        T = self.checkpoint.input["frames"]
+        with torch.cuda.device(self.device):
+            size = 1
+            while size <= bucket(max_batch_size):
+                before = torch.cuda.current_stream(self.device)
+                try:
+                    self._graphs[(size, T)] = self._capture(size, T)
+                except Exception as exc:  # e.g. a kernel that cannot be captured
+                    torch.cuda.set_stream(before)  # a failed capture can leave its stream current
+                    torch.cuda.synchronize(self.device)
+                    log.warning(
+                        "%s: CUDA graph capture failed (%d clips of %d frames): %s; graphs off", self.name, size, T, exc
+                    )
+                    self.cuda_graphs = False
+                    self._graphs.clear()
+                    return
+                size *= 2
+        log.info("%s: CUDA graphs captured for %s clips of %d frames", self.name, sorted(c for c, _ in self._graphs), T)
 
     def warm_up(self, max_frames: int) -> None:
         """Run a few dummy batches so first requests don't pay for lazy initialisation.

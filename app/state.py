@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from app.autotune import MAX_SIZE as AUTOTUNE_MAX
 from app.autotune import choose_batch_limits
 from app.batcher import Batcher
 from app.errors import not_found, not_ready
@@ -71,8 +72,10 @@ class Service:
         for name, runtime in runtimes.items():
             if s.warmup:
                 runtime.warm_up(s.max_frames)
+            # CUDA graphs for every batch bucket the limit can reach, before autotune times the model
+            tuned = s.autotune and "max_batch_size" not in s.model_fields_set
+            runtime.prepare(AUTOTUNE_MAX if tuned else s.max_batch_size)
             size, frames, tuning = self.batch_limits(runtime)
-            runtime.prepare(size)  # CUDA graphs for every batch bucket, before the first request
             batcher = Batcher(
                 name,
                 runtime.infer,

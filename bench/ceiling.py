@@ -126,6 +126,7 @@ def runtime_ceiling(
     for precision, graphs in CUDA_MODES:
         runtime = ModelRuntime(ckpt, device, precision, graphs)
         runtime.warm_up(max(lengths))
+        runtime.prepare(max(batches))  # graphs for the model's clip length, as the server does at start
         for T in lengths:
             for B in batches:
                 frames = torch.randint(0, 256, (B * T, H, W, C), dtype=torch.uint8).permute(0, 3, 1, 2)

@@ -343,6 +343,7 @@ def in_run_ceiling(checkpoint: Path, frames: int, seconds: float) -> dict[str, A
     ckpt = load_checkpoint(checkpoint, device=device)
     runtime = ModelRuntime(ckpt, device, pick_precision("auto", device), cuda_graphs=True)
     runtime.warm_up(frames)
+    runtime.prepare(64)  # graphs for the model's clip length, as the server does at start
     spec = ckpt.input
     rows = []
     for batch in (1, 2, 4, 8, 16, 32, 64):
