@@ -11,7 +11,9 @@ every accepted clip, then stops the worker.
 With ``launch`` (the CUDA path) the worker keeps two batches in flight: it starts the
 next batch (its host-to-device copy and queued kernels) before it waits for the
 current one, so copies and Python overhead overlap the GPU's work. Without it (the
-CPU, where a forward pass is done when it returns) batches run one after another.
+CPU, where a forward pass is done when it returns) batches run one after another. With
+two batches in flight a batch's inference time runs from its launch to its answer, so
+it includes the end of the batch before it.
 """
 
 from __future__ import annotations
