@@ -14,6 +14,10 @@ current one, so copies and Python overhead overlap the GPU's work. Without it (t
 CPU, where a forward pass is done when it returns) batches run one after another. With
 two batches in flight a batch's inference time runs from its launch to its answer, so
 it includes the end of the batch before it.
+
+``workers`` worker threads (default 1) each take their own batches from the one queue:
+on a CPU, two single-threaded forward passes side by side instead of one spread over
+both cores (Triton's "instance count").
 """
 
 from __future__ import annotations
@@ -108,8 +112,9 @@ class Batcher:
         on_batch: Callable[[BatchStats], None] | None = None,
         on_drop: Callable[[str], None] | None = None,
         launch: Launch | None = None,
+        workers: int = 1,
     ) -> None:
-        if max_batch_size < 1 or max_batch_frames < 1 or max_queue < 1 or timeout_s <= 0 or max_delay_s < 0:
+        if min(max_batch_size, max_batch_frames, max_queue, workers) < 1 or timeout_s <= 0 or max_delay_s < 0:
             raise ValueError("batch limits, queue size and timeout must be positive")
         self.name = name
         self._forward = forward
@@ -121,14 +126,21 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._run, name=f"batcher-{name}-{i}", daemon=True) for i in range(workers)
+        ]
+
+    @property
+    def workers(self) -> int:
+        return len(self._threads)
 
     @property
     def depth(self) -> int:
         return len(self._queue)
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     async def submit(self, clip: torch.Tensor) -> Result:
         """Queue one clip (T, C, H, W) and wait for its probabilities."""
@@ -178,8 +190,9 @@ class Batcher:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        if self._thread.is_alive():
-            await asyncio.to_thread(self._thread.join)
+        for thread in self._threads:
+            if thread.is_alive():
+                await asyncio.to_thread(thread.join)
 
     # --- worker thread ---------------------------------------------------------------
 

@@ -81,6 +81,7 @@ class Service:
                 runtime.infer,
                 # on CUDA the forward is queued, not waited for: copy the next batch meanwhile
                 launch=runtime.launch if device.type == "cuda" else None,
+                workers=self.instances(device),
                 max_batch_size=size,
                 max_batch_frames=frames,
                 max_delay_s=s.max_batch_delay_ms / 1000,
@@ -101,6 +102,15 @@ class Service:
         self.decode_pool = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode")
         for served in self.models.values():
             served.batcher.start()
+
+    def instances(self, device: torch.device) -> int:
+        """Worker threads per model: ``INSTANCES`` on the CPU; one on CUDA, whose graphs have one set of buffers."""
+        if device.type == "cuda" and self.settings.instances > 1:
+            log.warning(
+                "INSTANCES=%d applies to the CPU; on %s each model runs one worker", self.settings.instances, device
+            )
+            return 1
+        return self.settings.instances
 
     def batch_limits(self, runtime: ModelRuntime) -> tuple[int, int, dict[str, Any] | None]:
         """(clips, frames, tuning report): measured at warm-up unless MAX_BATCH_SIZE was set explicitly.

@@ -207,6 +207,7 @@ def model_info(service: Service, served: ServedModel) -> ModelInfo:
             "max_batch_frames": b.max_batch_frames,
             "max_delay_ms": b.max_delay_s * 1000,
             "max_queue": b.max_queue,
+            "instances": b.workers,
             "timeout_s": b.timeout_s,
             "autotuned": served.tuning is not None,
             "tuning": served.tuning,

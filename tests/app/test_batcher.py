@@ -300,3 +300,36 @@ def test_with_launch_failures_fall_back_to_clip_by_clip() -> None:
         await b.close()
 
     asyncio.run(main())
+
+
+def test_several_workers_run_batches_side_by_side_and_drain_on_close() -> None:
+    class Overlapping(FakeModel):
+        def __init__(self) -> None:
+            super().__init__(delay_s=0.05)
+            self.running = self.most = 0
+            self.lock = threading.Lock()
+
+        def __call__(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            try:
+                return super().__call__(frames, lengths)
+            finally:
+                with self.lock:
+                    self.running -= 1
+
+    async def main() -> None:
+        model = Overlapping()
+        b, stats, _ = make(model, max_batch_size=1, workers=2)
+        assert b.workers == 2
+        results = await asyncio.gather(*(b.submit(clip(2, v)) for v in range(1, 7)))
+        assert [r.probabilities[0].item() for r in results] == [2 * 4 * v for v in range(1, 7)]
+        assert model.most == 2  # two forward passes at once, never more
+        late = [asyncio.ensure_future(b.submit(clip(1, 9))) for _ in range(3)]
+        await until(lambda: model.entered >= 7)
+        await b.close()  # answers what it accepted, then both workers stop
+        assert [r.probabilities[0].item() for r in await asyncio.gather(*late)] == [4 * 9] * 3
+        assert sum(s.size for s in stats) == 9
+
+    asyncio.run(main())

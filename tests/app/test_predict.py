@@ -167,3 +167,23 @@ def test_openapi_describes_every_route(server: str) -> None:
     body = paths["/predict"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(body)
     assert "examples" in str(spec["components"]["schemas"]["Prediction"]) or "example" in str(spec)
+
+
+def test_two_instances_answer_concurrent_requests_each_correctly(default_ckpt: Path, reference) -> None:  # type: ignore[no-untyped-def]
+    ckpt, limits, probs_of = reference
+    labels = ckpt.labels
+    payloads = [[encode(f) for f in synth_clip(labels[i % 8], frames=16, seed=200 + i)] for i in range(12)]
+    with live_server(checkpoint=default_ckpt, instances=2, max_batch_size=2) as url:
+        assert httpx.get(f"{url}/models/{ckpt.name}").json()["batching"]["instances"] == 2
+
+        async def fire() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                posts = (client.post(f"{url}/predict", files=multipart_frames(p)) for p in payloads)
+                return await asyncio.gather(*posts)
+
+        responses = asyncio.run(fire())
+        clips = metric_value(httpx.get(f"{url}/metrics").text, "fusionserve_batch_size_sum", model=ckpt.name)
+    for r, blobs in zip(responses, payloads, strict=True):
+        assert r.status_code == 200, r.text
+        check_answer(r.json(), probs_of(decode_images(blobs, limits)), labels, 16)
+    assert clips == 12  # every clip went through a batch once (warm-up and autotune bypass the batcher)
