@@ -68,6 +68,13 @@ def per_call(fn: Callable[[], Any], min_time: float = 0.5, min_calls: int = 3) -
     return timed_calls(fn, min_time, min_calls)[0]
 
 
+def random_clips(batch: int, frames: int, spec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` random uint8 clips of ``frames`` frames, concatenated (N, C, H, W) with channels-last
+    strides (as the server's decoded frames arrive), and their lengths."""
+    clips = torch.randint(0, 256, (batch * frames, spec["height"], spec["width"], spec["channels"]), dtype=torch.uint8)
+    return clips.permute(0, 3, 1, 2), torch.full((batch,), frames)
+
+
 def forward_ceiling(
     model: torch.nn.Module,
     spec: dict[str, Any],
@@ -77,12 +84,11 @@ def forward_ceiling(
     min_time: float,
 ) -> list[dict[str, Any]]:
     rows = []
-    C, H, W = spec["channels"], spec["height"], spec["width"]
     for T in lengths:
         for B in batches:
-            # (N, C, H, W) uint8 with channels-last strides, as the server's decoded frames arrive
-            frames = torch.randint(0, 256, (B * T, H, W, C), dtype=torch.uint8).permute(0, 3, 1, 2).to(device)
-            lengths_t = torch.full((B,), T)
+            frames, lengths_t = random_clips(B, T, spec)
+            if device.type == "cuda":
+                frames = frames.to(device)
 
             def run(frames: torch.Tensor = frames, lengths_t: torch.Tensor = lengths_t) -> None:
                 with torch.inference_mode():
@@ -90,18 +96,8 @@ def forward_ceiling(
                 if device.type == "cuda":
                     torch.cuda.synchronize()
 
-            seconds, fastest = timed_calls(run, min_time)
-            rows.append(
-                {
-                    "device": str(device),
-                    "mode": "model fp32" if device.type == "cuda" else "model",
-                    "frames": T,
-                    "batch": B,
-                    "ms_per_batch": round(seconds * 1000, 3),
-                    "clips_per_s": round(B / seconds, 1),
-                    "peak_clips_per_s": round(B / fastest, 1),  # the fastest single call
-                }
-            )
+            mode = "model fp32" if device.type == "cuda" else "model"
+            rows.append(_row(device, mode, T, B, *timed_calls(run, min_time)))
     return rows
 
 
@@ -120,8 +116,6 @@ def runtime_ceiling(
     from app.runtime import ModelRuntime
 
     device = torch.device("cuda")
-    spec = ckpt.input
-    C, H, W = spec["channels"], spec["height"], spec["width"]
     rows = []
     for precision, graphs in CUDA_MODES:
         runtime = ModelRuntime(ckpt, device, precision, graphs)
@@ -129,8 +123,7 @@ def runtime_ceiling(
         runtime.prepare(max(batches))  # graphs for the model's clip length, as the server does at start
         for T in lengths:
             for B in batches:
-                frames = torch.randint(0, 256, (B * T, H, W, C), dtype=torch.uint8).permute(0, 3, 1, 2)
-                lengths_t = torch.full((B,), T)
+                frames, lengths_t = random_clips(B, T, ckpt.input)
                 seconds = per_call(lambda f=frames, n=lengths_t, r=runtime: r.infer(f, n), min_time)
                 mode = f"runtime {precision}" + (" graphs" if graphs else "")
                 rows.append(_row(device, mode, T, B, seconds))
@@ -151,8 +144,10 @@ def runtime_ceiling(
     return rows
 
 
-def _row(device: torch.device, mode: str, T: int, B: int, seconds: float) -> dict[str, Any]:
-    return {
+def _row(
+    device: torch.device, mode: str, T: int, B: int, seconds: float, fastest: float | None = None
+) -> dict[str, Any]:
+    row = {
         "device": str(device),
         "mode": mode,
         "frames": T,
@@ -160,6 +155,9 @@ def _row(device: torch.device, mode: str, T: int, B: int, seconds: float) -> dic
         "ms_per_batch": round(seconds * 1000, 3),
         "clips_per_s": round(B / seconds, 1),
     }
+    if fastest is not None:
+        row["peak_clips_per_s"] = round(B / fastest, 1)  # the fastest single call
+    return row
 
 
 def jpeg_frames(size: int, count: int = 16) -> list[bytes]:

@@ -331,10 +331,9 @@ def in_run_ceiling(checkpoint: Path, frames: int, seconds: float) -> dict[str, A
     else the CPU, with the allocator tuned as the server tunes it), from uint8 clips in
     host memory, so that the end-to-end numbers of the same run can be divided by it.
     """
-    import torch
 
     from app.runtime import ModelRuntime, pick_device, pick_precision
-    from bench.ceiling import timed_calls
+    from bench.ceiling import random_clips, timed_calls
     from models import load_checkpoint
     from models.system import tune_malloc
 
@@ -344,14 +343,9 @@ def in_run_ceiling(checkpoint: Path, frames: int, seconds: float) -> dict[str, A
     runtime = ModelRuntime(ckpt, device, pick_precision("auto", device), cuda_graphs=True)
     runtime.warm_up(frames)
     runtime.prepare(64)  # graphs for the model's clip length, as the server does at start
-    spec = ckpt.input
     rows = []
     for batch in (1, 2, 4, 8, 16, 32, 64):
-        clips = torch.randint(
-            0, 256, (batch * frames, spec["height"], spec["width"], spec["channels"]), dtype=torch.uint8
-        )
-        clips = clips.permute(0, 3, 1, 2)  # channels-last strides, as decoded frames arrive
-        lengths = torch.full((batch,), frames)
+        clips, lengths = random_clips(batch, frames, ckpt.input)
         sustained, fastest = timed_calls(lambda c=clips, n=lengths: runtime.infer(c, n), seconds)
         rows.append(
             {"batch": batch, "clips_per_s": round(batch / sustained, 1), "peak_clips_per_s": round(batch / fastest, 1)}
