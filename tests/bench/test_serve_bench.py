@@ -120,7 +120,8 @@ def test_serve_bench_drives_the_server_with_wrk(tmp_path: Path) -> None:
         assert row["client"] == "wrk"
         assert_clean_level(row)
         # what wrk counted is what the server answered
-        assert row["server"]["batch_size"] * row["server"]["batches"] >= row["ok"]
+        split = row["server"]  # the mean batch size is rounded to 3 decimals
+        assert split["batch_size"] * split["batches"] >= row["ok"] - 0.0005 * split["batches"]
 
 
 def test_wrk_report_becomes_a_level_result() -> None:
