@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,35 @@ def pick_precision(name: str, device: torch.device) -> str:
 def bucket(clips: int) -> int:
     """The power of two at or above ``clips``: the batch size a CUDA graph is captured for."""
     return 1 << (clips - 1).bit_length()
+
+
+class CpuThreads:
+    """torch's intra-op threads, shared among the CPU forward passes that run at the same time.
+
+    ``torch.set_num_threads`` sets the OpenMP team size of the calling thread only, so each
+    forward takes its share just before it starts: a pass that runs alone uses every thread
+    (lowest latency), two at once (``INSTANCES=2``, or two models) use half each instead of
+    twice as many threads as cores waiting for one another at every parallel region.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = max(1, total)
+        self._running = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def share(self) -> Iterator[int]:
+        with self._lock:
+            self._running += 1
+            threads = max(1, self.total // self._running)
+        torch.set_num_threads(threads)
+        try:
+            yield threads
+        finally:
+            with self._lock:
+                self._running -= 1
+            # set_num_threads also sets the default of threads started later: leave that at the total
+            torch.set_num_threads(self.total)
 
 
 class Done:
@@ -94,6 +125,7 @@ class ModelRuntime:
     precision: str = "fp32"  # fp32 or bf16
     cuda_graphs: bool = False
     compiled: bool = False  # the CNN runs through torch.compile (compiled at warm-up)
+    threads: CpuThreads | None = None  # CPU: the intra-op threads this runtime shares with others
     _graphs: dict[tuple[int, int], _Graph] = field(default_factory=dict, init=False, repr=False)
     _pool: Any = field(default=None, init=False, repr=False)
     _copy_stream: Any = field(default=None, init=False, repr=False)
@@ -144,7 +176,10 @@ class ModelRuntime:
     def launch(self, frames: torch.Tensor, lengths: torch.Tensor) -> Done | Queued:
         """Start a batch (same arguments as ``infer``); ``.wait()`` on the result gives its probabilities."""
         if self.device.type != "cuda":
-            return Done(self._probs(frames, lengths).cpu())
+            if self.threads is None:
+                return Done(self._probs(frames, lengths))
+            with self.threads.share():
+                return Done(self._probs(frames, lengths))
         pinned = frames.pin_memory()
         with torch.cuda.device(self.device):
             compute = torch.cuda.current_stream(self.device)

@@ -41,10 +41,11 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's choice")
-    instances: int = Field(
-        1,
+    instances: int | None = Field(
+        None,
         ge=1,
-        description="on the CPU: forward passes of a model run side by side (with TORCH_THREADS=1: one per core)",
+        description="forward passes of a model that may run side by side on the CPU, sharing torch's threads; "
+        "default: 2 on a CPU with two or more torch threads, 1 on CUDA",
     )
     decode_workers: int = Field(2, ge=1, description="threads that decode images and videos")
     warmup: bool = Field(True, description="run dummy batches before reporting ready")

@@ -20,7 +20,7 @@ from app.batcher import Batcher
 from app.errors import not_found, not_ready
 from app.metrics import Metrics
 from app.preprocess import InputLimits
-from app.runtime import ModelRuntime, load_runtimes, pick_device
+from app.runtime import CpuThreads, ModelRuntime, load_runtimes, pick_device
 from app.settings import Settings
 from models.system import release_free_memory
 
@@ -69,7 +69,9 @@ class Service:
             torch.set_num_threads(s.torch_threads)
         device = pick_device(s.device)
         runtimes = load_runtimes(s.checkpoint, device, s.precision, s.cuda_graphs, s.compile)
+        threads = CpuThreads(torch.get_num_threads())  # one budget for every model's forward passes
         for name, runtime in runtimes.items():
+            runtime.threads = threads if device.type == "cpu" else None
             if s.warmup:
                 runtime.warm_up(s.max_frames)
             # CUDA graphs for every batch bucket the limit can reach, before autotune times the model
@@ -104,13 +106,17 @@ class Service:
             served.batcher.start()
 
     def instances(self, device: torch.device) -> int:
-        """Worker threads per model: ``INSTANCES`` on the CPU; one on CUDA, whose graphs have one set of buffers."""
-        if device.type == "cuda" and self.settings.instances > 1:
-            log.warning(
-                "INSTANCES=%d applies to the CPU; on %s each model runs one worker", self.settings.instances, device
-            )
+        """Worker threads per model. On the CPU (default 2 when torch has two or more threads) they share
+        torch's threads: a batch alone gets all of them, two at once half each (``CpuThreads``). On CUDA
+        one, whose graphs have one set of buffers."""
+        asked = self.settings.instances
+        if device.type == "cuda":
+            if asked is not None and asked > 1:
+                log.warning("INSTANCES=%d applies to the CPU; on %s each model runs one worker", asked, device)
             return 1
-        return self.settings.instances
+        if asked is None:
+            return 2 if torch.get_num_threads() >= 2 else 1
+        return asked
 
     def batch_limits(self, runtime: ModelRuntime) -> tuple[int, int, dict[str, Any] | None]:
         """(clips, frames, tuning report): measured at warm-up unless MAX_BATCH_SIZE was set explicitly.

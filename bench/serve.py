@@ -447,8 +447,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def write_outputs(result: dict[str, Any], out: Path | None, stem: str) -> Path:
-    """Write the JSON (and PNG next to it when there are closed-loop rows); returns the JSON path."""
-    out = out or RESULTS / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    """Write the JSON (and PNG next to it when there are closed-loop rows); returns the JSON path.
+
+    ``out`` is a file, or an existing folder to write ``<stem>-<time>.json`` in (default: bench/results).
+    """
+    if out is None or out.is_dir():
+        out = (out or RESULTS) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return out
@@ -477,7 +481,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--payload", choices=("jpeg", "mp4"), default="jpeg", help="multipart JPEG frames or one MP4")
     p.add_argument("--clips", type=int, default=8, help="distinct prebuilt request bodies, sent round-robin")
     p.add_argument("--rss-interval", type=float, default=0.25, help="seconds between RSS samples in a level")
-    p.add_argument("--out", type=Path, help="JSON result path (default: bench/results/<command>-<time>.json)")
+    p.add_argument(
+        "--out", type=Path, help="JSON result file, or a folder for <command>-<time>.json (default: bench/results)"
+    )
     p.add_argument(
         "--client",
         choices=("auto", "wrk", "python"),
