@@ -32,6 +32,7 @@ import torch
 
 from app.preprocess import InputLimits
 from models import Checkpoint, CheckpointError, load_checkpoint
+from models.encoders import fold_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class ModelRuntime:
     cuda_graphs: bool = False
     compiled: bool = False  # the CNN runs through torch.compile (compiled at warm-up)
     threads: CpuThreads | None = None  # CPU: the intra-op threads this runtime shares with others
+    folded: int = field(default=0, init=False)  # batch norms folded into their convs at load
     _graphs: dict[tuple[int, int], _Graph] = field(default_factory=dict, init=False, repr=False)
     _pool: Any = field(default=None, init=False, repr=False)
     _copy_stream: Any = field(default=None, init=False, repr=False)
@@ -137,6 +139,8 @@ class ModelRuntime:
             self.cuda_graphs = False
         else:
             self._copy_stream = torch.cuda.Stream(self.device)
+        # batch norms become part of their convs: one pass less over each block's activations
+        self.folded = fold_batchnorm(self.checkpoint.model.eval())
         if self.compiled:  # the CNN is where the time goes; dynamic: batches vary in frames
             model = self.checkpoint.model
             model.encoder = torch.compile(model.encoder, dynamic=True)  # type: ignore[assignment]
@@ -295,6 +299,7 @@ class ModelRuntime:
             "precision": self.precision,
             "cuda_graphs": self.cuda_graphs,
             "compiled": self.compiled,
+            "batchnorm_folded": self.folded,
             "created_at": meta["created_at"],
         }
 

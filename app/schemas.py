@@ -67,6 +67,7 @@ class ModelInfo(BaseModel):
     precision: str = Field(description="fp32, or bf16 (autocast) on a GPU that supports it")
     cuda_graphs: bool = Field(description="equal-length batches replay captured CUDA graphs")
     compiled: bool = Field(description="the CNN runs through torch.compile")
+    batchnorm_folded: int = Field(description="batch norms folded into the convolution before them at load")
     created_at: str
     batching: dict[str, Any]
 

@@ -28,6 +28,7 @@ from PIL import Image
 from app.preprocess import InputLimits, decode_image, decode_video, frames_to_clip
 from bench.media import encode_jpeg, encode_mp4, synth_clips
 from models import InputSpec, LSTMHeadConfig, ModelConfig, SmallCNNConfig, build_model, load_checkpoint, save_checkpoint
+from models.encoders import fold_batchnorm
 from models.system import tune_malloc
 from training.synth import LABELS
 
@@ -211,6 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint, Path(tmp)))
     if not args.channels_last:  # measure the plain contiguous layout instead
         ckpt.model.config = ckpt.model.config.replace(channels_last=False)
+    folded = fold_batchnorm(ckpt.model.eval()) if args.fold_batchnorm else 0  # as the server's runtime does
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     rows: list[dict[str, Any]] = []
     for device in devices:
@@ -240,6 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "torch": torch.__version__,
         },
+        "batchnorm_folded": folded,
         "forward": rows,
         "best": best,
         "preprocessing": preprocessing_costs(ckpt.input, args.min_time) if args.preprocessing else [],
@@ -268,6 +271,12 @@ def add_parser(sub: Any) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="keep frames channels-last in the CNN (the model's default)",
+    )
+    p.add_argument(
+        "--fold-batchnorm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fold batch norms into their convs as the server does (the CUDA runtime rows always are)",
     )
     p.add_argument(
         "--malloc-tune",

@@ -6,8 +6,11 @@ Both end in global average pooling, so any input size works and ``out_features``
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from models.config import ResNetConfig, SmallCNNConfig
 from models.registry import ENCODERS
@@ -19,6 +22,28 @@ def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
         nn.BatchNorm2d(c_out),
         nn.ReLU(inplace=True),
     )
+
+
+def fold_batchnorm(module: nn.Module) -> int:
+    """For inference: fold every BatchNorm2d that directly follows a Conv2d in a Sequential into
+    that conv's weights and bias, in place (the norm becomes an Identity). Returns how many.
+
+    In eval mode a batch norm is a fixed per-channel scale and shift, so the folded conv gives
+    the same outputs (to float rounding) without a pass over, and a buffer for, its output.
+    Only for a model that is served, never trained or saved again: its parameters change.
+    """
+    if module.training:
+        raise ValueError("fold_batchnorm is for a model in eval mode")
+    folded = 0
+    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for first, second in itertools.pairwise(names):
+            conv, norm = seq._modules[first], seq._modules[second]
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                seq._modules[first] = fuse_conv_bn_eval(conv, norm)
+                seq._modules[second] = nn.Identity()
+                folded += 1
+    return folded
 
 
 class SmallCNN(nn.Module):

@@ -88,7 +88,9 @@ def test_a_default_cpu_server_runs_two_instances_when_torch_has_two_threads(defa
     ckpt = load_checkpoint(default_ckpt)
     expected = 2 if torch.get_num_threads() >= 2 else 1
     with live_server(checkpoint=default_ckpt, max_batch_size=2) as url:
-        batching = httpx.get(f"{url}/models/{ckpt.name}").json()["batching"]
-    assert batching["instances"] == expected
+        info = httpx.get(f"{url}/models/{ckpt.name}").json()
+    assert info["batching"]["instances"] == expected
+    # the served model's batch norms were folded into its convs (one per conv block of the bundled CNN)
+    assert info["batchnorm_folded"] == sum(isinstance(m, torch.nn.BatchNorm2d) for m in ckpt.model.modules()) > 0
     with live_server(checkpoint=default_ckpt, max_batch_size=2, instances=1) as url:
         assert httpx.get(f"{url}/models/{ckpt.name}").json()["batching"]["instances"] == 1

@@ -18,6 +18,7 @@ from models import (
     preset_config,
     preset_names,
 )
+from models.encoders import fold_batchnorm
 from models.registry import Registry
 
 SMALL = SmallCNNConfig(widths=(8, 16))
@@ -204,3 +205,28 @@ def test_registry_refuses_a_duplicate_name() -> None:
         reg.register("a", MeanHeadConfig)(lambda cfg: torch.nn.Identity())
     with pytest.raises(KeyError, match="unknown thing 'b'"):
         reg.builder("b")
+
+
+@pytest.mark.parametrize("name", ["lstm", "resnet-lstm", "resnet-attention-1ch"])
+def test_folding_batch_norms_into_convs_keeps_the_outputs(name: str) -> None:
+    cfg = CONFIGS[name]
+    torch.manual_seed(3)
+    model = build_model(cfg)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:  # statistics far from a fresh norm's identity, so folding has work to do
+        c = norm.num_features
+        norm.running_mean.copy_(torch.randn(c))
+        norm.running_var.copy_(torch.rand(c) + 0.5)
+        norm.weight.data.copy_(torch.randn(c))
+        norm.bias.data.copy_(torch.randn(c))
+    model.eval()
+    lengths = torch.tensor([5, 3])
+    frames = clip_batch(cfg, lengths.tolist())
+    with torch.no_grad():
+        before = model(frames, lengths)
+        assert fold_batchnorm(model) == len(norms)  # each follows a conv in a Sequential
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        after = model(frames, lengths)
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(build_model(cfg))
