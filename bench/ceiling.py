@@ -11,6 +11,7 @@ blocks of 32/64/128 filters, an LSTM of 128, 16 frames of 64x64).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import os
@@ -205,6 +206,56 @@ def preprocessing_costs(spec: dict[str, Any], min_time: float) -> list[dict[str,
     return rows
 
 
+def http_costs(labels: list[str], min_time: float) -> list[dict[str, Any]]:
+    """Per request, the server's own HTTP-side steps around a clip: reading a 16-part multipart
+    body as ``/predict`` does (Starlette over python-multipart), and writing the JSON answer
+    through pydantic-core as FastAPI does, against the standard library's ``json``."""
+    from pydantic import TypeAdapter
+    from starlette.requests import Request
+
+    from app.schemas import Prediction, Timing, TopK
+    from bench.loadgen import jpeg_payload
+
+    payload = jpeg_payload(synth_clips(1, 16, 64)[0])
+
+    async def parse() -> list[bytes]:
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": payload.body, "more_body": False}
+
+        headers = [(b"content-type", payload.content_type.encode())]
+        request = Request({"type": "http", "method": "POST", "headers": headers}, receive)
+        form = await request.form(max_files=65, max_fields=16)
+        try:
+            return [await part.read() for part in form.getlist("frames") if not isinstance(part, str)]
+        finally:
+            await form.close()
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert len(loop.run_until_complete(parse())) == 16
+        parse_s = per_call(lambda: loop.run_until_complete(parse()), min_time)
+    finally:
+        loop.close()
+    probs = torch.softmax(torch.randn(len(labels)), 0).tolist()
+    answer = Prediction(
+        model="m",
+        model_version="1",
+        label=labels[0],
+        probabilities=dict(zip(labels, probs, strict=True)),
+        top_k=[TopK(label=label, probability=p) for label, p in zip(labels[:5], probs, strict=False)],
+        frames=16,
+        timing_ms=Timing(decode=1.0, queue=1.0, inference=1.0, total=3.0),
+    )
+    adapter = TypeAdapter(Prediction)
+    rows = [("read the multipart body into 16 frame parts (server)", "16 JPEG frames 64x64", parse_s)]
+    for step, fn in (
+        ("answer JSON: pydantic-core (server, FastAPI's path)", lambda: adapter.dump_json(answer)),
+        ("answer JSON: standard library json", lambda: json.dumps(answer.model_dump()).encode()),
+    ):
+        rows.append((step, f"prediction over {len(labels)} labels", per_call(fn, min_time)))
+    return [{"input": what, "step": step, "ms_per_clip": round(seconds * 1000, 4)} for step, what, seconds in rows]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.malloc_tune:
         tune_malloc()
@@ -245,7 +296,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batchnorm_folded": folded,
         "forward": rows,
         "best": best,
-        "preprocessing": preprocessing_costs(ckpt.input, args.min_time) if args.preprocessing else [],
+        "preprocessing": (
+            preprocessing_costs(ckpt.input, args.min_time) + http_costs(ckpt.labels, args.min_time)
+            if args.preprocessing
+            else []
+        ),
     }
 
 
