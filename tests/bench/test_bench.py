@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from training.synth import LABELS
+
 
 def test_data_pipeline_bench_runs(tmp_path: Path) -> None:
     out = tmp_path / "data.json"
@@ -76,4 +78,9 @@ def test_ceiling_bench_runs(tmp_path: Path) -> None:
         "16 JPEG frames 64x64",
         "16 JPEG frames 224x224",
         "MP4 16 frames 64x64",
+        f"prediction over {len(LABELS)} labels",  # the seed-shaped model's synthetic classes
     }
+    steps = {r["step"]: r["ms_per_clip"] for r in result["preprocessing"]}
+    assert steps["read the multipart body into 16 frame parts (server)"] > 0
+    assert steps["answer JSON: pydantic-core (server, FastAPI's path)"] > 0
+    assert result["batchnorm_folded"] == 3  # the seed shape's three conv blocks
