@@ -283,7 +283,12 @@ async def soak(
     }
 
 
-async def run_levels(server: ServerProcess, args: argparse.Namespace) -> dict[str, Any]:
+async def run_levels(
+    server: ServerProcess, args: argparse.Namespace, probe: InRunCeiling | None = None, batch: int = 1
+) -> dict[str, Any]:
+    """The closed-loop levels, then the open-loop rates, then the RSS soak. With ``probe``, the
+    ceiling at ``batch`` clips is measured between closed-loop levels (the server idle), and
+    each level gets the measurements right before and after it as ``ceiling_around``."""
     payloads = loadgen.build_payloads(args.payload, args.clips, args.frames, args.frame_size)
     url = f"{server.url}/predict"
     conns = max([*args.concurrency, args.max_in_flight, args.soak_concurrency if args.rss_soak else 1])
@@ -291,10 +296,16 @@ async def run_levels(server: ServerProcess, args: argparse.Namespace) -> dict[st
     async with loadgen.make_client(conns) as client:
         out["server_info"] = await server_info(client, server.url)
         await warm_up(client, server, payloads, args)
+        spot = await asyncio.to_thread(probe.at, batch) if probe is not None and args.concurrency else None
         for c in args.concurrency:
             load = closed_loop_load(client, url, payloads, c, args)
-            out["closed_loop"].append({"concurrency": c, **await measure(client, server, load, args.rss_interval)})
-            log.info("closed loop c=%d: %s", c, out["closed_loop"][-1])
+            row = {"concurrency": c, **await measure(client, server, load, args.rss_interval)}
+            if probe is not None and spot is not None:
+                after = await asyncio.to_thread(probe.at, batch)
+                row["ceiling_around"] = [spot[0], after[0]]
+                spot = after
+            out["closed_loop"].append(row)
+            log.info("closed loop c=%d: %s", c, row)
         for rate in args.rates:
             load = loadgen.open_loop(
                 client, url, payloads, rate, args.duration, args.max_in_flight, poisson=args.arrivals == "poisson"
@@ -323,40 +334,52 @@ def resolve_checkpoint(path: Path | None) -> Path:
     return default_checkpoint()
 
 
-def in_run_ceiling(checkpoint: Path, frames: int, seconds: float) -> dict[str, Any]:
-    """The model's in-process clips/s at batch sizes 1-64 (``frames`` per clip), sustained over ``seconds``.
+class InRunCeiling:
+    """The model's in-process clips/s (``frames`` per clip), sustained over ``seconds`` per measurement.
 
     Measured in this process while the server idles, through the server's own runtime on
     the device the server picks (CUDA when present: bf16 where supported, CUDA graphs;
     else the CPU, with the allocator tuned as the server tunes it), from uint8 clips in
     host memory, so that the end-to-end numbers of the same run can be divided by it.
+    ``sweep`` times batch sizes 1-64; ``at`` one size, between load levels, so that each
+    level also has a ceiling measured right before and right after it.
     """
 
-    from app.runtime import ModelRuntime, pick_device, pick_precision
-    from bench.ceiling import random_clips, timed_calls
-    from models import load_checkpoint
-    from models.system import tune_malloc
+    BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
-    tune_malloc()
-    device = pick_device("auto")
-    ckpt = load_checkpoint(checkpoint, device=device)
-    runtime = ModelRuntime(ckpt, device, pick_precision("auto", device), cuda_graphs=True)
-    runtime.warm_up(frames)
-    runtime.prepare(64)  # graphs for the model's clip length, as the server does at start
-    rows = []
-    for batch in (1, 2, 4, 8, 16, 32, 64):
-        clips, lengths = random_clips(batch, frames, ckpt.input)
-        sustained, fastest = timed_calls(lambda c=clips, n=lengths: runtime.infer(c, n), seconds)
-        rows.append(
-            {"batch": batch, "clips_per_s": round(batch / sustained, 1), "peak_clips_per_s": round(batch / fastest, 1)}
-        )
-    best = max(rows, key=lambda r: r["clips_per_s"])
-    return {
-        "device": str(device),
-        "precision": runtime.precision,
-        **{k: best[k] for k in ("clips_per_s", "batch")},
-        "rows": rows,
-    }
+    def __init__(self, checkpoint: Path, frames: int, seconds: float) -> None:
+        from app.runtime import ModelRuntime, pick_device, pick_precision
+        from models import load_checkpoint
+        from models.system import tune_malloc
+
+        tune_malloc()
+        self.device = pick_device("auto")
+        self.spec = (ckpt := load_checkpoint(checkpoint, device=self.device)).input
+        self.frames, self.seconds = frames, seconds
+        self.runtime = ModelRuntime(ckpt, self.device, pick_precision("auto", self.device), cuda_graphs=True)
+        self.runtime.warm_up(frames)
+        self.runtime.prepare(max(self.BATCHES))  # graphs for the model's clip length, as the server does
+
+    def at(self, batch: int) -> tuple[float, float]:
+        """(sustained, peak) clips/s at ``batch`` clips."""
+        from bench.ceiling import random_clips, timed_calls
+
+        clips, lengths = random_clips(batch, self.frames, self.spec)
+        sustained, fastest = timed_calls(lambda: self.runtime.infer(clips, lengths), self.seconds)
+        return round(batch / sustained, 1), round(batch / fastest, 1)
+
+    def sweep(self) -> dict[str, Any]:
+        rows = []
+        for batch in self.BATCHES:
+            sustained, peak = self.at(batch)
+            rows.append({"batch": batch, "clips_per_s": sustained, "peak_clips_per_s": peak})
+        best = max(rows, key=lambda r: r["clips_per_s"])
+        return {
+            "device": str(self.device),
+            "precision": self.runtime.precision,
+            **{k: best[k] for k in ("clips_per_s", "batch")},
+            "rows": rows,
+        }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -364,16 +387,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     server = ServerProcess(resolve_checkpoint(args.checkpoint), env)
     ceilings = []
     with running(server):
-        if args.ceiling_time > 0:  # before and after the load: the better of the two is the ceiling
-            ceilings.append(in_run_ceiling(server.checkpoint, args.frames, args.ceiling_time))
-        levels = asyncio.run(run_levels(server, args))
-        if args.ceiling_time > 0:
-            ceilings.append(in_run_ceiling(server.checkpoint, args.frames, args.ceiling_time))
+        # before and after the load: the better of the two sweeps is the run's ceiling
+        probe = InRunCeiling(server.checkpoint, args.frames, args.ceiling_time) if args.ceiling_time > 0 else None
+        if probe is not None:
+            ceilings.append(probe.sweep())
+        levels = asyncio.run(run_levels(server, args, probe, ceilings[0]["batch"] if ceilings else 1))
+        if probe is not None:
+            ceilings.append(probe.sweep())
     if ceilings:
         best = max(ceilings, key=lambda c: c["clips_per_s"])
         levels["ceiling"] = {**best, "before_after_clips_per_s": [c["clips_per_s"] for c in ceilings]}
         for row in levels["closed_loop"]:
             row["of_ceiling"] = round(row["clips_per_s"] / best["clips_per_s"], 3)
+            around = max(row["ceiling_around"])  # the better of the two measured right around this level
+            row["of_ceiling_around"] = round(row["clips_per_s"] / around, 3)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("func", "out")}
     return {
         "benchmark": "serve",
@@ -410,6 +437,11 @@ def markdown(result: dict[str, Any]) -> str:
             f"\nIn-process ceiling of this run: {ceiling['clips_per_s']:g} clips/s at batch {ceiling['batch']} "
             f"(before/after the load: {ceiling['before_after_clips_per_s']}); end to end as a share of it: "
             + ", ".join(f"c={r['concurrency']} {r['of_ceiling']:.0%}" for r in result["closed_loop"])
+            + f"; against the ceiling at batch {ceiling['batch']} measured right before and after each level: "
+            + ", ".join(
+                f"c={r['concurrency']} {r['of_ceiling_around']:.0%} (of {max(r['ceiling_around']):g})"
+                for r in result["closed_loop"]
+            )
         )
     if soak_result := result.get("rss_soak"):
         lines.append(
@@ -506,7 +538,8 @@ def add_parser(sub: Any) -> None:
         "--ceiling-time",
         type=float,
         default=1.0,
-        help="seconds per batch size of the in-process ceiling, measured before and after the load (0: skip)",
+        help="seconds per batch size of the in-process ceiling, measured before and after the load "
+        "and at its best batch size between levels (0: skip)",
     )
     p.set_defaults(func=main)
 

@@ -54,8 +54,13 @@ def test_serve_bench_reports_every_level_without_errors(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert [r["concurrency"] for r in result["closed_loop"]] == [1, 2]
     assert len(result["ceiling"]["before_after_clips_per_s"]) == 2 and result["ceiling"]["clips_per_s"] > 0
-    for row in result["closed_loop"]:
+    levels = result["closed_loop"]
+    for row in levels:
         assert row["of_ceiling"] == round(row["clips_per_s"] / result["ceiling"]["clips_per_s"], 3)
+        before, after = row["ceiling_around"]  # at the first sweep's best batch, right around the level
+        assert before > 0 and after > 0
+        assert row["of_ceiling_around"] == round(row["clips_per_s"] / max(before, after), 3)
+    assert levels[0]["ceiling_around"][1] == levels[1]["ceiling_around"][0]  # one measurement between levels
     assert [r["rate"] for r in result["open_loop"]] == [5.0]
     for row in result["closed_loop"] + result["open_loop"]:
         assert_clean_level(row)
