@@ -15,9 +15,12 @@ CPU, where a forward pass is done when it returns) batches run one after another
 two batches in flight a batch's inference time runs from its launch to its answer, so
 it includes the end of the batch before it.
 
-``workers`` worker threads (default 1) each take their own batches from the one queue:
-on a CPU, two single-threaded forward passes side by side instead of one spread over
-both cores (Triton's "instance count").
+``workers`` worker threads (default 1) each take their own batches from the one queue
+(Triton's "instance count"; on the CPU they share torch's threads, see
+``app.runtime.CpuThreads``). A worker starts a batch when no other is busy, or, while
+another is, only once ``share_from`` clips (or a full batch of frames) are waiting: a
+model whose clips/s grows with the batch keeps gathering batches under load instead of
+two workers splitting the queue into single clips.
 """
 
 from __future__ import annotations
@@ -113,8 +116,11 @@ class Batcher:
         on_drop: Callable[[str], None] | None = None,
         launch: Launch | None = None,
         workers: int = 1,
+        share_from: int = 1,
     ) -> None:
-        if min(max_batch_size, max_batch_frames, max_queue, workers) < 1 or timeout_s <= 0 or max_delay_s < 0:
+        if min(max_batch_size, max_batch_frames, max_queue, workers, share_from) < 1:
+            raise ValueError("batch limits, queue size, workers and share_from must be positive")
+        if timeout_s <= 0 or max_delay_s < 0:
             raise ValueError("batch limits, queue size and timeout must be positive")
         self.name = name
         self._forward = forward
@@ -126,6 +132,8 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._closing = False
+        self.share_from = share_from
+        self._busy = 0  # workers holding a batch (taken and not yet answered)
         self._threads = [
             threading.Thread(target=self._run, name=f"batcher-{name}-{i}", daemon=True) for i in range(workers)
         ]
@@ -203,9 +211,26 @@ class Batcher:
             if batch is None:
                 return
             launched = self._guarded(self._start, batch) if batch else None
+            if batch and launched is None:
+                self._release()  # answered already (the CPU path, or it failed to start)
             if inflight is not None:
                 self._guarded(self._finish, inflight)
+                self._release()
             inflight = launched
+
+    def _release(self) -> None:
+        """A batch of this worker is answered: the others may start on a shorter queue again."""
+        with self._cond:
+            self._busy -= 1
+            self._cond.notify_all()
+
+    def _may_take(self) -> bool:
+        """Called under the lock: whether this worker may start a batch now."""
+        if not self._queue:
+            return False
+        if self._busy == 0 or len(self._queue) >= self.share_from:
+            return True
+        return sum(p.clip.shape[0] for p in self._queue) >= self.max_batch_frames
 
     def _guarded(self, step: Callable[..., _InFlight | None], arg: list[_Pending] | _InFlight) -> _InFlight | None:
         try:
@@ -243,10 +268,12 @@ class Batcher:
     def _collect(self, block: bool = True) -> list[_Pending] | None:
         """The next batch; [] when ``block`` is false and nothing waits; None once closed and empty."""
         with self._cond:
-            while block and not self._queue and not self._closing:
+            while block and not self._closing and not self._may_take():
                 self._cond.wait()
             if not self._queue:
                 return None if block else []  # closing, and everything accepted was answered
+            if not self._closing and not self._may_take():
+                return []  # not blocking, and another worker is busy with too few clips waiting
             if self.max_delay_s > 0 and not self._closing:
                 self._wait_for_fuller_batch()
             batch: list[_Pending] = []
@@ -269,6 +296,8 @@ class Batcher:
                 head.started = True
                 batch.append(self._queue.popleft())
                 frames += n
+            if batch:
+                self._busy += 1
             return batch
 
     def _dropped(self, reason: str) -> None:

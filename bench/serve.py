@@ -229,6 +229,21 @@ def server_split(before: dict[str, float], after: dict[str, float]) -> dict[str,
     }
 
 
+async def settle(client: httpx.AsyncClient, url: str, quiet_s: float = 1.0, limit_s: float = 60.0) -> None:
+    """Wait until the server has finished the work a level left behind: no batch finished or
+    clip dropped for ``quiet_s`` (a closed-loop level ends with requests still queued)."""
+    deadline = time.monotonic() + limit_s
+    last = await scrape(client, url)
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        now = await scrape(client, url)
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_s:
+            return
+
+
 async def measure(
     client: httpx.AsyncClient,
     server: ServerProcess,
@@ -258,9 +273,10 @@ async def warm_up(client: httpx.AsyncClient, server: ServerProcess, payloads: li
 
 
 async def server_info(client: httpx.AsyncClient, url: str) -> list[dict[str, Any]]:
-    """Device and batch limits of each served model (from GET /models)."""
+    """Device, runtime options and batch limits of each served model (from GET /models)."""
     models = (await client.get(f"{url}/models")).json()["models"]
-    return [{k: m.get(k) for k in ("name", "device", "batching", "input")} for m in models]
+    keys = ("name", "device", "precision", "cuda_graphs", "compiled", "batchnorm_folded", "batching", "input")
+    return [{k: m.get(k) for k in keys} for m in models]
 
 
 async def soak(
@@ -279,6 +295,10 @@ async def soak(
         "rss_last_mb": s[-1] if s else None,
         "rss_max_mb": max(s) if s else None,
         "rss_last_over_first": round(s[-1] / s[0], 3) if s else None,
+        # the first sample is the idle server; the working set of concurrent batches is mapped in the
+        # first seconds of load, so growth after that is measured from the sample 10 s in
+        "rss_at_10s_mb": s[10] if len(s) > 10 else None,
+        "rss_last_over_10s": round(s[-1] / s[10], 3) if len(s) > 10 else None,
         "rss_samples_mb": s,
     }
 
@@ -301,6 +321,7 @@ async def run_levels(
             load = closed_loop_load(client, url, payloads, c, args)
             row = {"concurrency": c, **await measure(client, server, load, args.rss_interval)}
             if probe is not None and spot is not None:
+                await settle(client, server.url)  # the ceiling is timed with the server idle
                 after = await asyncio.to_thread(probe.at, batch)
                 row["ceiling_around"] = [spot[0], after[0]]
                 spot = after
@@ -314,6 +335,7 @@ async def run_levels(
             log.info("open loop rate=%g: %s", rate, out["open_loop"][-1])
         if args.rss_soak:
             out["rss_soak"] = await soak(client, server, payloads, args)
+        await settle(client, server.url)  # before the ceiling's second sweep
     return out
 
 
@@ -432,7 +454,7 @@ def markdown(result: dict[str, Any]) -> str:
         cells += [s["queue_ms"], s["decode_ms"], s["inference_ms_per_batch"], s["batch_size"]]
         cells.append("/".join(_fmt(m[k]) for k in ("start_mb", "max_mb", "end_mb")))
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
-    if ceiling := result.get("ceiling"):
+    if (ceiling := result.get("ceiling")) and result["closed_loop"]:
         lines.append(
             f"\nIn-process ceiling of this run: {ceiling['clips_per_s']:g} clips/s at batch {ceiling['batch']} "
             f"(before/after the load: {ceiling['before_after_clips_per_s']}); end to end as a share of it: "
@@ -447,7 +469,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"\nRSS soak (c={soak_result['concurrency']}, {soak_result['duration_s']:g} s): "
             f"first {_fmt(soak_result['rss_first_mb'])} MB, last {_fmt(soak_result['rss_last_mb'])} MB, "
-            f"max {_fmt(soak_result['rss_max_mb'])} MB, last/first {_fmt(soak_result['rss_last_over_first'])}"
+            f"max {_fmt(soak_result['rss_max_mb'])} MB, last/first {_fmt(soak_result['rss_last_over_first'])}, "
+            f"at 10 s {_fmt(soak_result.get('rss_at_10s_mb'))} MB, "
+            f"last/10 s {_fmt(soak_result.get('rss_last_over_10s'))}"
         )
     return "\n".join(lines)
 

@@ -208,6 +208,7 @@ def model_info(service: Service, served: ServedModel) -> ModelInfo:
             "max_delay_ms": b.max_delay_s * 1000,
             "max_queue": b.max_queue,
             "instances": b.workers,
+            "share_from": b.share_from,
             "timeout_s": b.timeout_s,
             "autotuned": served.tuning is not None,
             "tuning": served.tuning,

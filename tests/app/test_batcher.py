@@ -333,3 +333,42 @@ def test_several_workers_run_batches_side_by_side_and_drain_on_close() -> None:
         assert sum(s.size for s in stats) == 9
 
     asyncio.run(main())
+
+
+def test_a_second_worker_starts_beside_a_busy_one_only_once_share_from_clips_wait() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        b, stats, _ = make(model, workers=2, share_from=3)
+        model.gate.clear()  # the first batch holds its worker
+        first = asyncio.ensure_future(b.submit(clip(1, 1)))
+        await until(lambda: model.entered == 1)
+        waiting = [asyncio.ensure_future(b.submit(clip(1, v))) for v in (2, 3)]
+        await until(lambda: b.depth == 2)
+        await asyncio.sleep(0.05)
+        assert model.entered == 1 and b.depth == 2  # two clips: the idle worker leaves them to gather
+        waiting.append(asyncio.ensure_future(b.submit(clip(1, 4))))
+        await until(lambda: model.entered == 2)  # three wait: the second worker takes all three
+        assert b.depth == 0
+        model.gate.set()
+        results = await asyncio.gather(first, *waiting)
+        assert [r.batch_size for r in results] == [1, 3, 3, 3]
+        assert sorted(s.size for s in stats) == [1, 3]
+        # both idle again: a lone clip runs at once, whatever share_from says
+        assert (await b.submit(clip(1, 5))).batch_size == 1
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_share_from_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="share_from"):
+        Batcher(
+            "m",
+            FakeModel(),
+            max_batch_size=1,
+            max_batch_frames=1,
+            max_delay_s=0,
+            max_queue=1,
+            timeout_s=1,
+            share_from=0,
+        )

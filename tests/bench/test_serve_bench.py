@@ -47,12 +47,20 @@ def test_serve_bench_reports_every_level_without_errors(tmp_path: Path) -> None:
         "5",
         "--ceiling-time",
         "0.01",
+        "--rss-soak",
+        "2",
+        "--soak-concurrency",
+        "2",
         "--out",
         str(out),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert [r["concurrency"] for r in result["closed_loop"]] == [1, 2]
+    soak = result["rss_soak"]
+    assert soak["ok"] == soak["requests"] > 0 and len(soak["rss_samples_mb"]) >= 2
+    assert soak["rss_last_over_first"] == round(soak["rss_samples_mb"][-1] / soak["rss_samples_mb"][0], 3)
+    assert soak["rss_at_10s_mb"] is None  # a 2 s soak has no sample 10 s in
     assert len(result["ceiling"]["before_after_clips_per_s"]) == 2 and result["ceiling"]["clips_per_s"] > 0
     levels = result["closed_loop"]
     for row in levels:
