@@ -13,10 +13,7 @@ size x clip length. The sweep doubles the
 batch until the budget or 64 clips; it does not stop at a flat stretch, because on CPUs
 throughput can jump late (cache effects: the seed model gains 1.4x only at 16 clips).
 The sizes are timed in turns (1, 2, 4, ..., then again), each keeping its fastest run, so
-that a slow moment of a shared machine does not single out one size. The smallest size
-within the same tolerance is ``share_from``: with several instances, the batcher starts a
-second batch beside a running one only once that many clips wait (on a flat curve 1; for
-a model that gains from batching, the size where the gain levels off).
+that a slow moment of a shared machine does not single out one size.
 """
 
 from __future__ import annotations
@@ -42,15 +39,11 @@ class Choice:
     clip_frames: int
     budget_ms: float
     measured: dict[int, dict[str, float]] = field(default_factory=dict)  # batch -> {ms, clips_per_s}
-    # the smallest batch within the tolerance of the best clips/s: with several instances, a
-    # second one starts while the first is busy only once this many clips wait
-    share_from: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "max_batch_size": self.max_batch_size,
             "max_batch_frames": self.max_batch_frames,
-            "share_from": self.share_from,
             "clip_frames": self.clip_frames,
             "latency_budget_ms": self.budget_ms,
             "measured": {str(b): m for b, m in self.measured.items()},
@@ -99,9 +92,8 @@ def choose_batch_limits(
     measured = {size: {"ms": round(t * 1000, 3), "clips_per_s": round(size / t, 1)} for size, t in fastest.items()}
     within = [size for size, t in fastest.items() if size == 1 or t * 1000 <= budget_ms]
     top_rate = max(size / fastest[size] for size in within)
-    good = [size for size in within if size / fastest[size] >= (1 - tolerance) * top_rate]
-    best = max(good)
-    choice = Choice(best, best * frames, frames, budget_ms, measured, share_from=min(good))
+    best = max(size for size in within if size / fastest[size] >= (1 - tolerance) * top_rate)
+    choice = Choice(best, best * frames, frames, budget_ms, measured)
     log.info(
         "batch limits by measurement: %d clips, %d frames (%s)",
         best,

@@ -77,14 +77,14 @@ class Service:
             # CUDA graphs for every batch bucket the limit can reach, before autotune times the model
             tuned = s.autotune and "max_batch_size" not in s.model_fields_set
             runtime.prepare(AUTOTUNE_MAX if tuned else s.max_batch_size)
-            size, frames, share_from, tuning = self.batch_limits(runtime)
+            size, frames, tuning = self.batch_limits(runtime)
             batcher = Batcher(
                 name,
                 runtime.infer,
                 # on CUDA the forward is queued, not waited for: copy the next batch meanwhile
                 launch=runtime.launch if device.type == "cuda" else None,
                 workers=self.instances(device),
-                share_from=share_from,
+                share_from=size,  # a second instance is overflow: it starts beside a busy one on a full batch
                 max_batch_size=size,
                 max_batch_frames=frames,
                 max_delay_s=s.max_batch_delay_ms / 1000,
@@ -119,9 +119,8 @@ class Service:
             return 2 if torch.get_num_threads() >= 2 else 1
         return asked
 
-    def batch_limits(self, runtime: ModelRuntime) -> tuple[int, int, int, dict[str, Any] | None]:
-        """(clips, frames, share_from, tuning report): measured at warm-up unless MAX_BATCH_SIZE was
-        set explicitly (then ``share_from`` is 1: a free instance takes whatever waits).
+    def batch_limits(self, runtime: ModelRuntime) -> tuple[int, int, dict[str, Any] | None]:
+        """(clips, frames, tuning report): measured at warm-up unless MAX_BATCH_SIZE was set explicitly.
 
         A frame limit set explicitly is kept; otherwise it is the clip limit times the clip length.
         """
@@ -130,7 +129,7 @@ class Service:
         frames_set = "max_batch_frames" in s.model_fields_set
         if not s.autotune or "max_batch_size" in s.model_fields_set:
             frames = s.max_batch_frames if frames_set or not s.autotune else s.max_batch_size * clip_frames
-            return s.max_batch_size, frames, 1, None
+            return s.max_batch_size, frames, None
         spec = runtime.checkpoint.input
         choice = choose_batch_limits(
             runtime.infer,
@@ -139,14 +138,8 @@ class Service:
             budget_ms=s.latency_budget_ms,
         )
         frames = s.max_batch_frames if frames_set else choice.max_batch_frames
-        log.info(
-            "%s: batches of at most %d clips and %d frames; a second instance starts beside a busy one from %d clips",
-            runtime.name,
-            choice.max_batch_size,
-            frames,
-            choice.share_from,
-        )
-        return choice.max_batch_size, frames, choice.share_from, choice.to_dict()
+        log.info("%s: batches of at most %d clips and %d frames", runtime.name, choice.max_batch_size, frames)
+        return choice.max_batch_size, frames, choice.to_dict()
 
     async def close(self) -> None:
         """Stop taking work, answer everything accepted, then release the threads."""
