@@ -162,6 +162,15 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of ``pid`` (all its threads) in seconds, None when unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class RssSampler:
     """Samples a process's RSS every ``interval_s`` on the event loop while inside ``async with``."""
 
@@ -229,19 +238,23 @@ def server_split(before: dict[str, float], after: dict[str, float]) -> dict[str,
     }
 
 
-async def settle(client: httpx.AsyncClient, url: str, quiet_s: float = 1.0, limit_s: float = 60.0) -> None:
-    """Wait until the server has finished the work a level left behind: no batch finished or
-    clip dropped for ``quiet_s`` (a closed-loop level ends with requests still queued)."""
+async def settle(client: httpx.AsyncClient, server: ServerProcess, quiet_s: float = 1.0, limit_s: float = 60.0) -> None:
+    """Wait until the server has finished the work a level left behind (a closed-loop level ends
+    with requests still queued): for ``quiet_s``, no batch finished, no clip dropped, and the
+    server process used under 5% of a core."""
     deadline = time.monotonic() + limit_s
-    last = await scrape(client, url)
+    last, cpu = await scrape(client, server.url), cpu_seconds(server.pid)
     quiet_since = time.monotonic()
     while time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-        now = await scrape(client, url)
-        if now != last:
-            last, quiet_since = now, time.monotonic()
+        await asyncio.sleep(0.25)
+        now, cpu_now = await scrape(client, server.url), cpu_seconds(server.pid)
+        busy = cpu is not None and cpu_now is not None and cpu_now - cpu > 0.05 * 0.25
+        if now != last or busy:
+            quiet_since = time.monotonic()
         elif time.monotonic() - quiet_since >= quiet_s:
             return
+        last, cpu = now, cpu_now
+    log.warning("the server did not go idle within %.0f s; measuring the ceiling anyway", limit_s)
 
 
 async def measure(
@@ -321,7 +334,7 @@ async def run_levels(
             load = closed_loop_load(client, url, payloads, c, args)
             row = {"concurrency": c, **await measure(client, server, load, args.rss_interval)}
             if probe is not None and spot is not None:
-                await settle(client, server.url)  # the ceiling is timed with the server idle
+                await settle(client, server)  # the ceiling is timed with the server idle
                 after = await asyncio.to_thread(probe.at, batch)
                 row["ceiling_around"] = [spot[0], after[0]]
                 spot = after
@@ -335,7 +348,7 @@ async def run_levels(
             log.info("open loop rate=%g: %s", rate, out["open_loop"][-1])
         if args.rss_soak:
             out["rss_soak"] = await soak(client, server, payloads, args)
-        await settle(client, server.url)  # before the ceiling's second sweep
+        await settle(client, server)  # before the ceiling's second sweep
     return out
 
 
