@@ -121,7 +121,7 @@ class Batcher:
         if min(max_batch_size, max_batch_frames, max_queue, workers, share_from) < 1:
             raise ValueError("batch limits, queue size, workers and share_from must be positive")
         if timeout_s <= 0 or max_delay_s < 0:
-            raise ValueError("batch limits, queue size and timeout must be positive")
+            raise ValueError("the timeout must be positive and the delay not negative")
         self.name = name
         self._forward = forward
         self._launch = launch
