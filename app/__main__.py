@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
     )
     server = DrainingServer(config, app, settings.drain_s)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises SIGINT once it has shut down cleanly: no traceback
+        return 130  # the shell's status for an interrupted command
     return 0 if server.started else 1
 
 

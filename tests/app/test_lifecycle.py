@@ -105,6 +105,16 @@ def test_sigterm_answers_every_accepted_request(slow_checkpoint: Path) -> None:
         assert "answering accepted requests" in log and "Finished server process" in log
 
 
+def test_ctrl_c_shuts_down_cleanly_without_a_traceback(default_ckpt: Path) -> None:
+    with spawn_server("--checkpoint", str(default_ckpt), "--max-batch-size", "2") as (proc, url):
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        log = proc.stdout.read() if proc.stdout else ""
+    assert "answering accepted requests" in log and "Finished server process" in log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log
+
+
 def test_cli_flags_and_help() -> None:
     import subprocess
     import sys
