@@ -126,7 +126,7 @@ class ModelRuntime:
     precision: str = "fp32"  # fp32 or bf16
     cuda_graphs: bool = False
     compiled: bool = False  # the CNN runs through torch.compile (compiled at warm-up)
-    threads: CpuThreads | None = None  # CPU: the intra-op threads this runtime shares with others
+    threads: CpuThreads | None = None  # the intra-op threads its CPU forward passes share with others
     folded: int = field(default=0, init=False)  # batch norms folded into their convs at load
     _graphs: dict[tuple[int, int], _Graph] = field(default_factory=dict, init=False, repr=False)
     _pool: Any = field(default=None, init=False, repr=False)
@@ -180,9 +180,7 @@ class ModelRuntime:
     def launch(self, frames: torch.Tensor, lengths: torch.Tensor) -> Done | Queued:
         """Start a batch (same arguments as ``infer``); ``.wait()`` on the result gives its probabilities."""
         if self.device.type != "cuda":
-            if self.threads is None:
-                return Done(self._probs(frames, lengths))
-            with self.threads.share():
+            with self.threads.share() if self.threads is not None else contextlib.nullcontext():
                 return Done(self._probs(frames, lengths))
         pinned = frames.pin_memory()
         with torch.cuda.device(self.device):

@@ -71,7 +71,7 @@ class Service:
         runtimes = load_runtimes(s.checkpoint, device, s.precision, s.cuda_graphs, s.compile)
         threads = CpuThreads(torch.get_num_threads())  # one budget for every model's forward passes
         for name, runtime in runtimes.items():
-            runtime.threads = threads if device.type == "cpu" else None
+            runtime.threads = threads  # used by CPU forward passes only
             if s.warmup:
                 runtime.warm_up(s.max_frames)
             # CUDA graphs for every batch bucket the limit can reach, before autotune times the model

@@ -348,7 +348,8 @@ async def run_levels(
             log.info("open loop rate=%g: %s", rate, out["open_loop"][-1])
         if args.rss_soak:
             out["rss_soak"] = await soak(client, server, payloads, args)
-        await settle(client, server)  # before the ceiling's second sweep
+        if probe is not None:
+            await settle(client, server)  # before the ceiling's second sweep
     return out
 
 
