@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.autotune import make_batch
 from app.preprocess import InputLimits, decode_image, decode_video, frames_to_clip
 from bench.media import encode_jpeg, encode_mp4, synth_clips
 from models import InputSpec, LSTMHeadConfig, ModelConfig, SmallCNNConfig, build_model, load_checkpoint, save_checkpoint
@@ -73,8 +74,7 @@ def per_call(fn: Callable[[], Any], min_time: float = 0.5, min_calls: int = 3) -
 def random_clips(batch: int, frames: int, spec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch`` random uint8 clips of ``frames`` frames, concatenated (N, C, H, W) with channels-last
     strides (as the server's decoded frames arrive), and their lengths."""
-    clips = torch.randint(0, 256, (batch * frames, spec["height"], spec["width"], spec["channels"]), dtype=torch.uint8)
-    return clips.permute(0, 3, 1, 2), torch.full((batch,), frames)
+    return make_batch(batch, frames, (spec["channels"], spec["height"], spec["width"]))
 
 
 def forward_ceiling(

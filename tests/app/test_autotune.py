@@ -6,9 +6,12 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import torch
 
 from app.autotune import choose_batch_limits
+from app.preprocess import InputLimits, decode_images
+from bench.media import encode_jpeg
 from tests.app.conftest import live_server
 
 
@@ -59,6 +62,22 @@ def test_the_latency_budget_caps_the_batch() -> None:
     choice = choose_batch_limits(fake_forward(20, 2), frames=8, shape=(1, 2, 2), budget_ms=60, repeats=3)
     # 16 clips take 52 ms (within 60), 32 clips take 84 ms: over the budget.
     assert choice.max_batch_size == 16 and 32 in choice.measured
+
+
+def test_the_sweep_times_frames_laid_out_as_decoded_frames_arrive() -> None:
+    # decoded frames reach the model as (T, H, W, C) arrays seen as (T, C, H, W); timing
+    # contiguous frames instead measured a different (slower, unevenly so) convolution path
+    seen: list[torch.Tensor] = []
+
+    def forward(frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        seen.append(frames)
+        return torch.zeros(len(lengths), 2)
+
+    choose_batch_limits(forward, frames=4, shape=(3, 8, 6), budget_ms=100, max_size=2, repeats=3)
+    clip = decode_images([encode_jpeg(np.zeros((8, 6, 3), np.uint8))] * 4, InputLimits(8, 6, 3, 4, 8, 10**6))
+    assert seen and all(f.shape[1:] == clip.shape[1:] and f.dtype == clip.dtype for f in seen)
+    assert all(f.stride()[1:] == clip.stride()[1:] for f in seen)
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in seen)
 
 
 def test_server_reports_its_tuning_and_explicit_limits_win(default_ckpt: Path) -> None:
