@@ -96,15 +96,19 @@ class ServerProcess:
         log.info("starting %s with %s", " ".join(cmd), self.env)
         self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + ready_timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {ready_timeout_s} s:\n{self.output_tail()}")
-            time.sleep(0.1)
+        # One client for the whole wait: a bare httpx.get builds an SSL context each time (~40 ms of
+        # CPU), which at 10 polls a second took a third of a core from the server while it timed
+        # its batch sizes, and skewed what its autotuner chose.
+        with httpx.Client(timeout=2) as client:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output_tail()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(f"{self.url}/v2/health/ready").status_code == 200:
+                        return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server not ready after {ready_timeout_s} s:\n{self.output_tail()}")
+                time.sleep(0.1)
 
     def terminate(self) -> None:
         """SIGTERM once (a second one would make uvicorn skip its graceful shutdown)."""
