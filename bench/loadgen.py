@@ -37,6 +37,8 @@ class Payload:
     body: bytes
     content_type: str
     frames: int
+    kind: str = "jpeg"  # "jpeg": one part per frame; "mp4": one video part
+    media: tuple[bytes, ...] = ()  # the encoded parts (each JPEG frame, or the MP4), to decode in-process
 
 
 @dataclass
@@ -80,13 +82,14 @@ def jpeg_payload(clip: np.ndarray, quality: int = 90) -> Payload:
     """Each frame of ``clip`` (T, H, W, 3) as one ``frames`` JPEG part, in order."""
     parts = [("frames", f"{t:03d}.jpg", encode_jpeg(frame, quality), "image/jpeg") for t, frame in enumerate(clip)]
     body, ctype = multipart(parts)
-    return Payload(body, ctype, len(clip))
+    return Payload(body, ctype, len(clip), "jpeg", tuple(p[2] for p in parts))
 
 
 def mp4_payload(clip: np.ndarray, fps: int = 25) -> Payload:
     """``clip`` (T, H, W, 3) encoded with libx264 as one ``video`` part."""
-    body, ctype = multipart([("video", "clip.mp4", encode_mp4(clip, fps), "video/mp4")])
-    return Payload(body, ctype, len(clip))
+    video = encode_mp4(clip, fps)
+    body, ctype = multipart([("video", "clip.mp4", video, "video/mp4")])
+    return Payload(body, ctype, len(clip), "mp4", (video,))
 
 
 def build_payloads(kind: str, count: int, frames: int, size: int) -> list[Payload]:

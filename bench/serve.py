@@ -39,7 +39,9 @@ HISTOGRAMS = {
     "inference": "fusionserve_inference_seconds",
     "decode": "fusionserve_decode_seconds",
     "batch_size": "fusionserve_batch_size",
+    "request": "fusionserve_request_seconds",  # by route; only PREDICT_ROUTE's series are summed
 }
+PREDICT_ROUTE = 'route="/predict"'  # the route the load goes to (not /metrics, which the bench scrapes)
 DROPPED = "fusionserve_dropped_clips_total"
 
 
@@ -220,13 +222,15 @@ async def scrape(client: httpx.AsyncClient, url: str) -> dict[str, float]:
             continue
         key, _, value = line.rpartition(" ")
         name = key.split("{", 1)[0]
-        if name in totals:
+        if name in totals and (not name.startswith(HISTOGRAMS["request"]) or PREDICT_ROUTE in key):
             totals[name] += float(value)
     return totals
 
 
 def server_split(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
-    """Means over one level from the counter deltas: ms per queued clip, per decode, per batch; clips per batch."""
+    """Means over one level from the counter deltas: ms per queued clip, per decode, per batch, per /predict
+    request (from the ASGI app's first byte to its last: the server's side of a request's latency);
+    clips per batch."""
 
     def mean(hist: str, scale: float) -> float | None:
         n = after[f"{hist}_count"] - before[f"{hist}_count"]
@@ -237,6 +241,7 @@ def server_split(before: dict[str, float], after: dict[str, float]) -> dict[str,
         "decode_ms": mean(HISTOGRAMS["decode"], 1000.0),
         "inference_ms_per_batch": mean(HISTOGRAMS["inference"], 1000.0),
         "batch_size": mean(HISTOGRAMS["batch_size"], 1.0),
+        "request_ms": mean(HISTOGRAMS["request"], 1000.0),
         "batches": after[f"{HISTOGRAMS['inference']}_count"] - before[f"{HISTOGRAMS['inference']}_count"],
         "dropped_clips": after[DROPPED] - before[DROPPED],
     }
@@ -335,6 +340,8 @@ async def run_levels(
         await warm_up(client, server, payloads, args)
         spot = await asyncio.to_thread(probe.at, batch) if probe is not None and args.concurrency else None
         for c in args.concurrency:
+            if c == 1 and probe is not None:  # one request alone in-process, right before and after c=1
+                single = [await asyncio.to_thread(probe.single, payloads[0])]
             load = closed_loop_load(client, url, payloads, c, args)
             row = {"concurrency": c, **await measure(client, server, load, args.rss_interval)}
             if probe is not None and spot is not None:
@@ -342,6 +349,14 @@ async def run_levels(
                 after = await asyncio.to_thread(probe.at, batch)
                 row["ceiling_around"] = [spot[0], after[0]]
                 spot = after
+            if c == 1 and probe is not None:
+                await settle(client, server)
+                single.append(await asyncio.to_thread(probe.single, payloads[0]))
+                # the faster of the two: the gap to the p50 is then the larger, not the flattering, one
+                row["inprocess"] = min(single, key=lambda m: m["total_ms"])
+                row["inprocess_total_ms_before_after"] = [m["total_ms"] for m in single]
+                if row["p50_ms"] is not None:
+                    row["p50_over_inprocess_ms"] = round(row["p50_ms"] - row["inprocess"]["total_ms"], 2)
             out["closed_loop"].append(row)
             log.info("closed loop c=%d: %s", c, row)
         for rate in args.rates:
@@ -408,6 +423,31 @@ class InRunCeiling:
         sustained, fastest = timed_calls(lambda: self.runtime.infer(clips, lengths), self.seconds)
         return round(batch / sustained, 1), round(batch / fastest, 1)
 
+    def single(self, payload: loadgen.Payload) -> dict[str, float]:
+        """What one request of ``payload`` costs in-process, sustained over ``seconds`` each: the server's
+        decoding of its parts (``app.preprocess``, on this thread) and one forward pass at batch 1."""
+        import torch
+
+        from app.preprocess import decode_images, decode_video
+        from bench.ceiling import timed_calls
+
+        limits = self.runtime.limits(max(payload.frames, self.frames), 1 << 31)
+        if payload.kind == "mp4":
+
+            def decode() -> torch.Tensor:
+                return decode_video(payload.media[0], limits, payload.frames)
+        else:
+
+            def decode() -> torch.Tensor:
+                return decode_images(list(payload.media), limits)
+
+        clip = decode()
+        lengths = torch.tensor([clip.shape[0]])
+        decode_s = timed_calls(decode, self.seconds)[0]
+        forward_s = timed_calls(lambda: self.runtime.infer(clip, lengths), self.seconds)[0]
+        ms = {"decode_ms": decode_s * 1000, "forward_ms": forward_s * 1000}
+        return {k: round(v, 2) for k, v in {**ms, "total_ms": sum(ms.values())}.items()}
+
     def sweep(self) -> dict[str, Any]:
         rows = []
         for batch in self.BATCHES:
@@ -459,8 +499,8 @@ def _fmt(value: Any) -> str:
 def markdown(result: dict[str, Any]) -> str:
     """One table row per level: client view, then the server's split and RSS."""
     head = (
-        "| load | clips/s | p50 ms | p90 ms | p99 ms | errors | late/dropped | queue ms | decode ms "
-        "| infer ms/batch | batch | RSS MB start/max/end |"
+        "| load | clips/s | p50 ms | p90 ms | p99 ms | errors | late/dropped | server ms/request | queue ms "
+        "| decode ms | infer ms/batch | batch | RSS MB start/max/end |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     rows = [(f"c={r['concurrency']}", r) for r in result["closed_loop"]]
@@ -469,7 +509,7 @@ def markdown(result: dict[str, Any]) -> str:
         s, m = r["server"], r["rss"]
         errors = ",".join(f"{k}:{v}" for k, v in r["errors"].items()) or "0"
         cells = [name, r["clips_per_s"], r["p50_ms"], r["p90_ms"], r["p99_ms"], errors, f"{r['late']}/{r['dropped']}"]
-        cells += [s["queue_ms"], s["decode_ms"], s["inference_ms_per_batch"], s["batch_size"]]
+        cells += [s["request_ms"], s["queue_ms"], s["decode_ms"], s["inference_ms_per_batch"], s["batch_size"]]
         cells.append("/".join(_fmt(m[k]) for k in ("start_mb", "max_mb", "end_mb")))
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     if (ceiling := result.get("ceiling")) and result["closed_loop"]:
@@ -483,6 +523,15 @@ def markdown(result: dict[str, Any]) -> str:
                 for r in result["closed_loop"]
             )
         )
+    for r in result["closed_loop"]:
+        if "p50_over_inprocess_ms" in r:
+            one = r["inprocess"]
+            lines.append(
+                f"\nc=1: p50 {_fmt(r['p50_ms'])} ms against {_fmt(one['total_ms'])} ms in-process (decode "
+                f"{_fmt(one['decode_ms'])} + forward at batch 1 {_fmt(one['forward_ms'])}; the faster of the "
+                f"measurements right before and after the level, {r['inprocess_total_ms_before_after']}): "
+                f"{r['p50_over_inprocess_ms']:+g} ms"
+            )
     if soak_result := result.get("rss_soak"):
         lines.append(
             f"\nRSS soak (c={soak_result['concurrency']}, {soak_result['duration_s']:g} s): "

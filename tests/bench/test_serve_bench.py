@@ -16,7 +16,7 @@ from models import default_checkpoint
 
 TINY = ["--duration", "1", "--warmup", "0.5", "--clips", "2"]
 LEVEL_KEYS = {"requests", "ok", "clips_per_s", "p50_ms", "p99_ms", "errors", "late", "dropped", "server", "rss"}
-SPLIT_KEYS = {"queue_ms", "decode_ms", "inference_ms_per_batch", "batch_size", "batches", "dropped_clips"}
+SPLIT_KEYS = {"queue_ms", "decode_ms", "inference_ms_per_batch", "batch_size", "request_ms", "batches", "dropped_clips"}
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
@@ -69,11 +69,20 @@ def test_serve_bench_reports_every_level_without_errors(tmp_path: Path) -> None:
         assert before > 0 and after > 0
         assert row["of_ceiling_around"] == round(row["clips_per_s"] / max(before, after), 3)
     assert levels[0]["ceiling_around"][1] == levels[1]["ceiling_around"][0]  # one measurement between levels
+    # c=1 against one request's decode + forward in-process, measured right before and after that level
+    one = levels[0]["inprocess"]
+    assert one["decode_ms"] > 0 and one["forward_ms"] > 0
+    assert one["total_ms"] == pytest.approx(one["decode_ms"] + one["forward_ms"], abs=0.02)
+    assert one["total_ms"] == min(levels[0]["inprocess_total_ms_before_after"])
+    assert levels[0]["p50_over_inprocess_ms"] == pytest.approx(levels[0]["p50_ms"] - one["total_ms"], abs=0.01)
+    assert "inprocess" not in levels[1]
+    for row in levels:  # the server's own time per request is part of what the client waited for
+        assert 0 < row["server"]["request_ms"] <= row["mean_ms"]
     assert [r["rate"] for r in result["open_loop"]] == [5.0]
     for row in result["closed_loop"] + result["open_loop"]:
         assert_clean_level(row)
     assert out.with_suffix(".png").stat().st_size > 0
-    assert "| c=1 |" in proc.stdout and "| 5/s |" in proc.stdout
+    assert "| c=1 |" in proc.stdout and "| 5/s |" in proc.stdout and "in-process (decode" in proc.stdout
 
 
 def test_compare_bench_interleaves_both_configurations(tmp_path: Path) -> None:
@@ -116,6 +125,7 @@ def test_server_split_is_the_mean_of_the_histogram_deltas() -> None:
         "decode_ms": None,  # nothing decoded in between
         "inference_ms_per_batch": 40.0,
         "batch_size": 2.0,
+        "request_ms": None,
         "batches": 3.0,
         "dropped_clips": 2.0,
     }
