@@ -36,6 +36,12 @@ from models.encoders import fold_batchnorm
 
 log = logging.getLogger(__name__)
 
+# On the CPU the encoder takes at most this many input pixels per pass: 64 frames of 64x64.
+# For the seed-shaped model a batch of 32 clips (512 frames) in one pass peaked at 860 MB of
+# RSS against 360-440 MB in slices of 64-128 frames, at the same clips/s or better
+# (docs/PERFORMANCE.md); two such batches at once under load kept growing the heap.
+PASS_PIXELS = 64 * 64 * 64
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -53,6 +59,18 @@ def pick_precision(name: str, device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
     return "fp32"
+
+
+def frames_per_encoder_pass(spec: dict[str, Any], pass_pixels: int, device: torch.device, compiled: bool) -> int | None:
+    """Most frames per encoder pass for a model with input ``spec`` (None: a whole batch).
+
+    Sliced on the CPU only, so that a batch's activations are those of one slice
+    (docs/PERFORMANCE.md); not on CUDA, where wide passes are what the GPU is for, nor
+    under torch.compile, whose graphs were measured on whole batches.
+    """
+    if device.type != "cpu" or compiled or pass_pixels <= 0:
+        return None
+    return max(1, pass_pixels // (spec["height"] * spec["width"]))
 
 
 def bucket(clips: int) -> int:
@@ -127,6 +145,8 @@ class ModelRuntime:
     cuda_graphs: bool = False
     compiled: bool = False  # the CNN runs through torch.compile (compiled at warm-up)
     threads: CpuThreads | None = None  # the intra-op threads its CPU forward passes share with others
+    # on the CPU: most input pixels (frames x height x width) the encoder takes in one pass; 0: no limit
+    pass_pixels: int = PASS_PIXELS
     folded: int = field(default=0, init=False)  # batch norms folded into their convs at load
     _graphs: dict[tuple[int, int], _Graph] = field(default_factory=dict, init=False, repr=False)
     _pool: Any = field(default=None, init=False, repr=False)
@@ -141,9 +161,17 @@ class ModelRuntime:
             self._copy_stream = torch.cuda.Stream(self.device)
         # batch norms become part of their convs: one pass less over each block's activations
         self.folded = fold_batchnorm(self.checkpoint.model.eval())
+        model = self.checkpoint.model
+        model.frames_per_pass = frames_per_encoder_pass(
+            self.checkpoint.input, self.pass_pixels, self.device, self.compiled
+        )
         if self.compiled:  # the CNN is where the time goes; dynamic: batches vary in frames
-            model = self.checkpoint.model
             model.encoder = torch.compile(model.encoder, dynamic=True)  # type: ignore[assignment]
+
+    @property
+    def frames_per_pass(self) -> int | None:
+        """Most frames per encoder pass (None: a batch's frames in one pass)."""
+        return self.checkpoint.model.frames_per_pass
 
     @property
     def name(self) -> str:
@@ -298,6 +326,7 @@ class ModelRuntime:
             "cuda_graphs": self.cuda_graphs,
             "compiled": self.compiled,
             "batchnorm_folded": self.folded,
+            "frames_per_pass": self.frames_per_pass,
             "created_at": meta["created_at"],
         }
 
@@ -312,7 +341,12 @@ def find_checkpoints(path: Path) -> list[Path]:
 
 
 def load_runtimes(
-    path: Path, device: torch.device, precision: str = "fp32", cuda_graphs: bool = False, compiled: bool = False
+    path: Path,
+    device: torch.device,
+    precision: str = "fp32",
+    cuda_graphs: bool = False,
+    compiled: bool = False,
+    pass_pixels: int = PASS_PIXELS,
 ) -> dict[str, ModelRuntime]:
     """Every checkpoint at ``path`` (a file or a folder), keyed by the name in its metadata."""
     runtimes: dict[str, ModelRuntime] = {}
@@ -322,7 +356,9 @@ def load_runtimes(
             raise CheckpointError(
                 file, f"model name {ckpt.name!r} is already used by {runtimes[ckpt.name].checkpoint.path}"
             )
-        runtime = ModelRuntime(ckpt, device, pick_precision(precision, device), cuda_graphs, compiled)
+        runtime = ModelRuntime(
+            ckpt, device, pick_precision(precision, device), cuda_graphs, compiled, pass_pixels=pass_pixels
+        )
         runtimes[ckpt.name] = runtime
         log.info("loaded %s v%s from %s on %s (%s)", ckpt.name, ckpt.version, file, device, runtime.precision)
     return runtimes

@@ -68,6 +68,9 @@ class ModelInfo(BaseModel):
     cuda_graphs: bool = Field(description="equal-length batches replay captured CUDA graphs")
     compiled: bool = Field(description="the CNN runs through torch.compile")
     batchnorm_folded: int = Field(description="batch norms folded into the convolution before them at load")
+    frames_per_pass: int | None = Field(
+        description="on the CPU, most frames the encoder takes in one pass (ENCODER_PASS_PIXELS); null: a whole batch"
+    )
     created_at: str
     batching: dict[str, Any]
 

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.runtime import PASS_PIXELS
 from models import default_checkpoint
 
 
@@ -46,6 +47,12 @@ class Settings(BaseSettings):
         ge=1,
         description="forward passes of a model that may run side by side on the CPU, sharing torch's threads; "
         "default: 2 on a CPU with two or more torch threads, 1 on CUDA",
+    )
+    encoder_pass_pixels: int = Field(
+        PASS_PIXELS,
+        ge=0,
+        description="on the CPU: most pixels (frames x height x width) the frame encoder takes in one pass, "
+        "so that a large batch needs the activation memory of one slice; 0: the whole batch at once",
     )
     decode_workers: int = Field(2, ge=1, description="threads that decode images and videos")
     warmup: bool = Field(True, description="run dummy batches before reporting ready")

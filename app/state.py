@@ -68,7 +68,7 @@ class Service:
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
         device = pick_device(s.device)
-        runtimes = load_runtimes(s.checkpoint, device, s.precision, s.cuda_graphs, s.compile)
+        runtimes = load_runtimes(s.checkpoint, device, s.precision, s.cuda_graphs, s.compile, s.encoder_pass_pixels)
         threads = CpuThreads(torch.get_num_threads())  # one budget for every model's forward passes
         for name, runtime in runtimes.items():
             runtime.threads = threads  # used by CPU forward passes only

@@ -28,6 +28,7 @@ from PIL import Image
 
 from app.autotune import make_batch
 from app.preprocess import InputLimits, decode_image, decode_video, frames_to_clip
+from app.runtime import PASS_PIXELS, frames_per_encoder_pass
 from bench.media import encode_jpeg, encode_mp4, synth_clips
 from models import InputSpec, LSTMHeadConfig, ModelConfig, SmallCNNConfig, build_model, load_checkpoint, save_checkpoint
 from models.encoders import fold_batchnorm
@@ -268,12 +269,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for device in devices:
         model = ckpt.model.to(device).eval()
+        model.frames_per_pass = frames_per_encoder_pass(ckpt.input, args.pass_pixels, device, compiled=False)
         rows += forward_ceiling(model, ckpt.input, device, args.batches, args.lengths, args.min_time)
         if args.compile:  # the same model with its CNN (where the time goes) through torch.compile
-            eager = model.encoder
+            eager, model.frames_per_pass = model.encoder, None  # as the server compiles: whole batches
             model.encoder = torch.compile(eager, dynamic=True)  # type: ignore[assignment]
             compiled = forward_ceiling(model, ckpt.input, device, args.batches, args.lengths, args.min_time)
             model.encoder = eager
+            model.frames_per_pass = frames_per_encoder_pass(ckpt.input, args.pass_pixels, device, compiled=False)
             rows += [{**r, "mode": f"{r['mode']} compiled"} for r in compiled]
         if device.type == "cuda":
             rows += runtime_ceiling(ckpt, args.batches, args.lengths, args.min_time)
@@ -294,6 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "torch": torch.__version__,
         },
         "batchnorm_folded": folded,
+        "pass_pixels": args.pass_pixels,
         "forward": rows,
         "best": best,
         "preprocessing": (
@@ -332,6 +336,12 @@ def add_parser(sub: Any) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="fold batch norms into their convs as the server does (the CUDA runtime rows always are)",
+    )
+    p.add_argument(
+        "--pass-pixels",
+        type=int,
+        default=PASS_PIXELS,
+        help="on the CPU, most pixels per encoder pass, as the server's ENCODER_PASS_PIXELS (0: a whole batch)",
     )
     p.add_argument(
         "--malloc-tune",

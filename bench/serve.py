@@ -402,8 +402,8 @@ class InRunCeiling:
 
     BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
-    def __init__(self, checkpoint: Path, frames: int, seconds: float) -> None:
-        from app.runtime import ModelRuntime, pick_device, pick_precision
+    def __init__(self, checkpoint: Path, frames: int, seconds: float, pass_pixels: int | None = None) -> None:
+        from app.runtime import PASS_PIXELS, ModelRuntime, pick_device, pick_precision
         from models import load_checkpoint
         from models.system import tune_malloc
 
@@ -411,7 +411,13 @@ class InRunCeiling:
         self.device = pick_device("auto")
         self.spec = (ckpt := load_checkpoint(checkpoint, device=self.device)).input
         self.frames, self.seconds = frames, seconds
-        self.runtime = ModelRuntime(ckpt, self.device, pick_precision("auto", self.device), cuda_graphs=True)
+        self.runtime = ModelRuntime(
+            ckpt,
+            self.device,
+            pick_precision("auto", self.device),
+            cuda_graphs=True,
+            pass_pixels=PASS_PIXELS if pass_pixels is None else pass_pixels,  # the server's, unless set
+        )
         self.runtime.warm_up(frames)
         self.runtime.prepare(max(self.BATCHES))  # graphs for the model's clip length, as the server does
 
@@ -468,7 +474,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ceilings = []
     with running(server):
         # before and after the load: the better of the two sweeps is the run's ceiling
-        probe = InRunCeiling(server.checkpoint, args.frames, args.ceiling_time) if args.ceiling_time > 0 else None
+        pass_pixels = env.get("FUSIONSERVE_ENCODER_PASS_PIXELS")
+        probe = (
+            InRunCeiling(server.checkpoint, args.frames, args.ceiling_time, int(pass_pixels) if pass_pixels else None)
+            if args.ceiling_time > 0
+            else None
+        )
         if probe is not None:
             ceilings.append(probe.sweep())
         levels = asyncio.run(run_levels(server, args, probe, ceilings[0]["batch"] if ceilings else 1))

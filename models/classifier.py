@@ -36,6 +36,10 @@ class FusedClassifier(nn.Module):
         # Not saved: they come from the config, which the checkpoint holds.
         self.register_buffer("mean", torch.tensor(config.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, -1, 1, 1), persistent=False)
+        # Most frames the encoder takes in one pass (None: all of them). A serving choice, not part
+        # of the config: app.runtime sets it on the CPU, so that a large batch's activations (the
+        # first conv block's output is 32 floats per pixel) are those of one slice, not of the batch.
+        self.frames_per_pass: int | None = None
 
     @property
     def causal(self) -> bool:
@@ -53,8 +57,11 @@ class FusedClassifier(nn.Module):
         return (x - self.mean) / self.std
 
     def forward_features(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames: (N, C, H, W) -> per-frame features (N, D)."""
-        return self.encoder(self.normalize(frames))
+        """frames: (N, C, H, W) -> per-frame features (N, D), ``frames_per_pass`` frames at a time when set."""
+        step = self.frames_per_pass
+        if step is None or frames.shape[0] <= step:
+            return self.encoder(self.normalize(frames))
+        return torch.cat([self.encoder(self.normalize(part)) for part in frames.split(step)])
 
     def forward_head(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """feats: (N, D) of all clips' frames in order, lengths: (B,) -> logits (B, K)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from app.runtime import CpuThreads, ModelRuntime
+from app.runtime import PASS_PIXELS, CpuThreads, ModelRuntime, frames_per_encoder_pass
 from models import load_checkpoint
 from tests.app.conftest import live_server
 
@@ -93,5 +93,19 @@ def test_a_default_cpu_server_runs_two_instances_when_torch_has_two_threads(defa
     assert info["batching"]["max_batch_size"] == 2 and info["batching"]["share_from"] == 1  # half a batch
     # the served model's batch norms were folded into its convs (one per conv block of the bundled CNN)
     assert info["batchnorm_folded"] == sum(isinstance(m, torch.nn.BatchNorm2d) for m in ckpt.model.modules()) > 0
-    with live_server(checkpoint=default_ckpt, max_batch_size=2, instances=1) as url:
-        assert httpx.get(f"{url}/models/{ckpt.name}").json()["batching"]["instances"] == 1
+    # on the CPU the encoder takes a batch's frames in slices of ENCODER_PASS_PIXELS
+    spec = ckpt.input
+    assert info["frames_per_pass"] == PASS_PIXELS // (spec["height"] * spec["width"])
+    with live_server(checkpoint=default_ckpt, max_batch_size=2, instances=1, encoder_pass_pixels=0) as url:
+        info = httpx.get(f"{url}/models/{ckpt.name}").json()
+    assert info["batching"]["instances"] == 1 and info["frames_per_pass"] is None
+
+
+def test_frames_per_encoder_pass_slices_on_the_cpu_only() -> None:
+    spec = {"height": 64, "width": 32}
+    cpu = torch.device("cpu")
+    assert frames_per_encoder_pass(spec, 64 * 64 * 10, cpu, compiled=False) == 20
+    assert frames_per_encoder_pass(spec, 100, cpu, compiled=False) == 1  # never fewer than one frame
+    assert frames_per_encoder_pass(spec, 0, cpu, compiled=False) is None  # 0: whole batches
+    assert frames_per_encoder_pass(spec, 64 * 64 * 10, cpu, compiled=True) is None
+    assert frames_per_encoder_pass(spec, 64 * 64 * 10, torch.device("cuda"), compiled=False) is None

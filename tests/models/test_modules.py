@@ -230,3 +230,27 @@ def test_folding_batch_norms_into_convs_keeps_the_outputs(name: str) -> None:
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="eval mode"):
         fold_batchnorm(build_model(cfg))
+
+
+@pytest.mark.parametrize("name", ["lstm", "attention", "resnet-lstm"])
+@pytest.mark.parametrize("lengths", [[6, 6, 6], [5, 3, 7]])
+def test_encoding_frames_in_slices_keeps_the_logits(name: str, lengths: list[int]) -> None:
+    # the CPU server slices a large batch's frames through the encoder (frames_per_pass);
+    # slices that cut through clips, a last short slice, and equal/ragged clips alike
+    model = build_model(CONFIGS[name]).eval()
+    frames, lengths_t = clip_batch(CONFIGS[name], lengths), torch.tensor(lengths)
+    with torch.no_grad():
+        whole = model(frames, lengths_t)
+        for step in (1, 4, sum(lengths) - 1, sum(lengths), 100):
+            model.frames_per_pass = step
+            torch.testing.assert_close(model(frames, lengths_t), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_slices_bound_what_the_encoder_sees_at_once() -> None:
+    model = build_model(CONFIGS["lstm"]).eval()
+    seen: list[int] = []
+    model.encoder.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    model.frames_per_pass = 4
+    with torch.no_grad():
+        model(clip_batch(CONFIGS["lstm"], [5, 5]), torch.tensor([5, 5]))
+    assert seen == [4, 4, 2]
