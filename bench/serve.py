@@ -18,6 +18,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -297,7 +298,8 @@ async def warm_up(client: httpx.AsyncClient, server: ServerProcess, payloads: li
 async def server_info(client: httpx.AsyncClient, url: str) -> list[dict[str, Any]]:
     """Device, runtime options and batch limits of each served model (from GET /models)."""
     models = (await client.get(f"{url}/models")).json()["models"]
-    keys = ("name", "device", "precision", "cuda_graphs", "compiled", "batchnorm_folded", "batching", "input")
+    keys = ("name", "device", "precision", "cuda_graphs", "compiled", "batchnorm_folded", "frames_per_pass")
+    keys += ("batching", "input")
     return [{k: m.get(k) for k in keys} for m in models]
 
 
@@ -325,6 +327,42 @@ async def soak(
     }
 
 
+async def paired_c1(
+    client: httpx.AsyncClient,
+    server: ServerProcess,
+    payloads: list[loadgen.Payload],
+    probe: InRunCeiling,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The p50 at concurrency 1 against one request's work done in-process, in pairs close in time.
+
+    The machine's speed drifts by up to 1.5x within a minute, so a latency measured in one
+    window and its in-process reference in another differ by the drift. Here each pair is a
+    short c=1 burst against the server (``--c1-pair-time`` s) followed at once by the same
+    time of in-process decoding + forward at batch 1 (``InRunCeiling.single``); the gap
+    reported is the median over the pairs of (p50 - in-process).
+    """
+    burst_args = argparse.Namespace(**{**vars(args), "duration": args.c1_pair_time})
+    pairs = []
+    url = f"{server.url}/predict"
+    for _ in range(args.c1_pairs):
+        burst = await measure(client, server, closed_loop_load(client, url, payloads, 1, burst_args), 1.0)
+        one = await asyncio.to_thread(probe.single, payloads[0], args.c1_pair_time / 2)
+        if burst["p50_ms"] is not None:
+            pairs.append({"p50_ms": burst["p50_ms"], "server_ms": burst["server"]["request_ms"], **one})
+    if not pairs:
+        return {}
+
+    def median(key: str) -> float:
+        return round(statistics.median(p[key] for p in pairs), 2)
+
+    return {
+        "c1_pairs": pairs,
+        "inprocess": {k: median(k) for k in ("decode_ms", "forward_ms", "total_ms")},
+        "p50_over_inprocess_ms": round(statistics.median(p["p50_ms"] - p["total_ms"] for p in pairs), 2),
+    }
+
+
 async def run_levels(
     server: ServerProcess, args: argparse.Namespace, probe: InRunCeiling | None = None, batch: int = 1
 ) -> dict[str, Any]:
@@ -340,8 +378,6 @@ async def run_levels(
         await warm_up(client, server, payloads, args)
         spot = await asyncio.to_thread(probe.at, batch) if probe is not None and args.concurrency else None
         for c in args.concurrency:
-            if c == 1 and probe is not None:  # one request alone in-process, right before and after c=1
-                single = [await asyncio.to_thread(probe.single, payloads[0])]
             load = closed_loop_load(client, url, payloads, c, args)
             row = {"concurrency": c, **await measure(client, server, load, args.rss_interval)}
             if probe is not None and spot is not None:
@@ -349,14 +385,8 @@ async def run_levels(
                 after = await asyncio.to_thread(probe.at, batch)
                 row["ceiling_around"] = [spot[0], after[0]]
                 spot = after
-            if c == 1 and probe is not None:
-                await settle(client, server)
-                single.append(await asyncio.to_thread(probe.single, payloads[0]))
-                # the faster of the two: the gap to the p50 is then the larger, not the flattering, one
-                row["inprocess"] = min(single, key=lambda m: m["total_ms"])
-                row["inprocess_total_ms_before_after"] = [m["total_ms"] for m in single]
-                if row["p50_ms"] is not None:
-                    row["p50_over_inprocess_ms"] = round(row["p50_ms"] - row["inprocess"]["total_ms"], 2)
+            if c == 1 and probe is not None and args.c1_pairs:
+                row |= await paired_c1(client, server, payloads, probe, args)
             out["closed_loop"].append(row)
             log.info("closed loop c=%d: %s", c, row)
         for rate in args.rates:
@@ -429,9 +459,10 @@ class InRunCeiling:
         sustained, fastest = timed_calls(lambda: self.runtime.infer(clips, lengths), self.seconds)
         return round(batch / sustained, 1), round(batch / fastest, 1)
 
-    def single(self, payload: loadgen.Payload) -> dict[str, float]:
-        """What one request of ``payload`` costs in-process, sustained over ``seconds`` each: the server's
-        decoding of its parts (``app.preprocess``, on this thread) and one forward pass at batch 1."""
+    def single(self, payload: loadgen.Payload, seconds: float | None = None) -> dict[str, float]:
+        """What one request of ``payload`` costs in-process, sustained over ``seconds`` each (default: the
+        ceiling's): the server's decoding of its parts (``app.preprocess``, on this thread) and one
+        forward pass at batch 1."""
         import torch
 
         from app.preprocess import decode_images, decode_video
@@ -449,8 +480,9 @@ class InRunCeiling:
 
         clip = decode()
         lengths = torch.tensor([clip.shape[0]])
-        decode_s = timed_calls(decode, self.seconds)[0]
-        forward_s = timed_calls(lambda: self.runtime.infer(clip, lengths), self.seconds)[0]
+        seconds = self.seconds if seconds is None else seconds
+        decode_s = timed_calls(decode, seconds)[0]
+        forward_s = timed_calls(lambda: self.runtime.infer(clip, lengths), seconds)[0]
         ms = {"decode_ms": decode_s * 1000, "forward_ms": forward_s * 1000}
         return {k: round(v, 2) for k, v in {**ms, "total_ms": sum(ms.values())}.items()}
 
@@ -536,12 +568,12 @@ def markdown(result: dict[str, Any]) -> str:
         )
     for r in result["closed_loop"]:
         if "p50_over_inprocess_ms" in r:
-            one = r["inprocess"]
+            one, pairs = r["inprocess"], r["c1_pairs"]
             lines.append(
-                f"\nc=1: p50 {_fmt(r['p50_ms'])} ms against {_fmt(one['total_ms'])} ms in-process (decode "
-                f"{_fmt(one['decode_ms'])} + forward at batch 1 {_fmt(one['forward_ms'])}; the faster of the "
-                f"measurements right before and after the level, {r['inprocess_total_ms_before_after']}): "
-                f"{r['p50_over_inprocess_ms']:+g} ms"
+                f"\nc=1 in {len(pairs)} pairs (a {result['settings']['c1_pair_time']:g} s burst, then the same "
+                f"work in-process): p50 {[p['p50_ms'] for p in pairs]} ms against in-process "
+                f"{[p['total_ms'] for p in pairs]} ms (median decode {_fmt(one['decode_ms'])} + forward at batch 1 "
+                f"{_fmt(one['forward_ms'])}); median gap {r['p50_over_inprocess_ms']:+g} ms"
             )
     if soak_result := result.get("rss_soak"):
         lines.append(
@@ -634,6 +666,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--rates", type=float, nargs="*", default=[20.0, 50.0], help="open-loop arrivals per second")
     p.add_argument("--arrivals", choices=("poisson", "fixed"), default="poisson", help="open-loop arrival process")
     p.add_argument("--max-in-flight", type=int, default=256, help="open loop: arrivals over this many are dropped")
+    p.add_argument(
+        "--c1-pairs",
+        type=int,
+        default=5,
+        help="after the c=1 level: short c=1 bursts, each followed by the same work in-process, for the p50 "
+        "against in-process decode + forward (0: skip; needs the ceiling)",
+    )
+    p.add_argument("--c1-pair-time", type=float, default=2.0, help="seconds of each burst and of its in-process half")
     p.add_argument("--rss-soak", type=float, default=0.0, metavar="SECONDS", help="add a long run sampling RSS")
     p.add_argument("--soak-concurrency", type=int, default=64)
     p.add_argument(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,10 @@ def test_serve_bench_reports_every_level_without_errors(tmp_path: Path) -> None:
         "5",
         "--ceiling-time",
         "0.01",
+        "--c1-pairs",
+        "2",
+        "--c1-pair-time",
+        "0.4",
         "--rss-soak",
         "2",
         "--soak-concurrency",
@@ -69,20 +74,25 @@ def test_serve_bench_reports_every_level_without_errors(tmp_path: Path) -> None:
         assert before > 0 and after > 0
         assert row["of_ceiling_around"] == round(row["clips_per_s"] / max(before, after), 3)
     assert levels[0]["ceiling_around"][1] == levels[1]["ceiling_around"][0]  # one measurement between levels
-    # c=1 against one request's decode + forward in-process, measured right before and after that level
-    one = levels[0]["inprocess"]
-    assert one["decode_ms"] > 0 and one["forward_ms"] > 0
-    assert one["total_ms"] == pytest.approx(one["decode_ms"] + one["forward_ms"], abs=0.02)
-    assert one["total_ms"] == min(levels[0]["inprocess_total_ms_before_after"])
-    assert levels[0]["p50_over_inprocess_ms"] == pytest.approx(levels[0]["p50_ms"] - one["total_ms"], abs=0.01)
-    assert "inprocess" not in levels[1]
+    # c=1 against one request's decode + forward in-process, in pairs of a short burst and the same work
+    pairs = levels[0]["c1_pairs"]
+    assert len(pairs) == 2
+    for pair in pairs:
+        assert pair["decode_ms"] > 0 and pair["forward_ms"] > 0 and pair["p50_ms"] > 0
+        assert pair["total_ms"] == pytest.approx(pair["decode_ms"] + pair["forward_ms"], abs=0.02)
+    gaps = [pair["p50_ms"] - pair["total_ms"] for pair in pairs]
+    assert levels[0]["p50_over_inprocess_ms"] == pytest.approx(statistics.median(gaps), abs=0.01)
+    assert levels[0]["inprocess"]["total_ms"] == pytest.approx(
+        statistics.median(p["total_ms"] for p in pairs), abs=0.01
+    )
+    assert "c1_pairs" not in levels[1]
     for row in levels:  # the server's own time per request is part of what the client waited for
         assert 0 < row["server"]["request_ms"] <= row["mean_ms"]
     assert [r["rate"] for r in result["open_loop"]] == [5.0]
     for row in result["closed_loop"] + result["open_loop"]:
         assert_clean_level(row)
     assert out.with_suffix(".png").stat().st_size > 0
-    assert "| c=1 |" in proc.stdout and "| 5/s |" in proc.stdout and "in-process (decode" in proc.stdout
+    assert "| c=1 |" in proc.stdout and "| 5/s |" in proc.stdout and "c=1 in 2 pairs" in proc.stdout
 
 
 def test_compare_bench_interleaves_both_configurations(tmp_path: Path) -> None:
