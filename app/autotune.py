@@ -12,8 +12,13 @@ the 2 an earlier rule picked (docs/PERFORMANCE.md). The frame limit follows as b
 size x clip length. The sweep doubles the
 batch until the budget or 64 clips; it does not stop at a flat stretch, because on CPUs
 throughput can jump late (cache effects: the seed model gains 1.4x only at 16 clips).
-The sizes are timed in turns (1, 2, 4, ..., then again), each keeping its fastest run, so
-that a slow moment of a shared machine does not single out one size.
+The sizes are timed in turns (1, 2, 4, ..., then again), each keeping its fastest sample,
+so that a slow moment of a shared machine does not single out one size; and every sample
+runs the same number of clips (the largest size's: 32 single clips against one batch of
+32), because a shared machine's speed swings on a scale of a second: with one call per
+sample, a 10 ms call could often fall entirely in a fast moment and a 400 ms one rarely,
+which made small batches look up to 1.7x faster than large ones that sustained the same
+rate (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -63,10 +68,12 @@ def make_batch(batch: int, frames: int, shape: tuple[int, int, int]) -> tuple[to
     return clips.permute(0, 3, 1, 2), torch.full((batch,), frames)
 
 
-def time_once(forward: Forward, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+def time_once(forward: Forward, batch: tuple[torch.Tensor, torch.Tensor], calls: int = 1) -> float:
+    """Seconds per call of ``calls`` back-to-back calls."""
     started = time.perf_counter()
-    forward(*batch)
-    return time.perf_counter() - started
+    for _ in range(calls):
+        forward(*batch)
+    return (time.perf_counter() - started) / calls
 
 
 def choose_batch_limits(
@@ -77,26 +84,28 @@ def choose_batch_limits(
     budget_ms: float,
     max_size: int = MAX_SIZE,
     tolerance: float = 0.1,
-    repeats: int = 5,
+    repeats: int = 3,
 ) -> Choice:
-    """Sweep batch sizes 1, 2, 4, ... (up to ``max_size``, or the first over the budget; two runs
-    each), then time them all ``repeats - 2`` more times in turn, so that a slow stretch of a
-    shared machine hits every size alike rather than the sizes it happened to fall on; each
-    size keeps its fastest run.
+    """Sweep batch sizes 1, 2, 4, ... (up to ``max_size``, or the first over the budget; the
+    better of two calls each), then time them all ``repeats`` times in turn, each sample
+    running as many clips as the largest size holds, so that a slow stretch of a shared
+    machine hits every size alike; each size keeps its fastest sample.
     """
     inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    fastest: dict[int, float] = {}
     size = 1
     while size <= max_size:
         inputs[size] = make_batch(size, frames, shape)
         forward(*inputs[size])  # warm this shape
-        fastest[size] = min(time_once(forward, inputs[size]) for _ in range(2))  # one slow run won't end it
-        if fastest[size] * 1000 > budget_ms and size > 1:
+        quick = min(time_once(forward, inputs[size]) for _ in range(2))  # one slow run won't end it
+        if quick * 1000 > budget_ms and size > 1:
             break  # larger batches only take longer
         size *= 2
-    for _ in range(repeats - 2):
+    # the sweep's single calls only find where to stop; the choice rests on equal-work samples
+    clips = max(inputs)  # per sample, whatever the size: sizes are powers of two
+    fastest = dict.fromkeys(inputs, float("inf"))
+    for _ in range(repeats):
         for size, batch in inputs.items():
-            fastest[size] = min(fastest[size], time_once(forward, batch))
+            fastest[size] = min(fastest[size], time_once(forward, batch, clips // size))
     measured = {size: {"ms": round(t * 1000, 3), "clips_per_s": round(size / t, 1)} for size, t in fastest.items()}
     within = [size for size, t in fastest.items() if size == 1 or t * 1000 <= budget_ms]
     top_rate = max(size / fastest[size] for size in within)

@@ -27,7 +27,7 @@ def fake_forward(per_call_ms: float, per_clip_ms: float):  # type: ignore[no-unt
 
 def test_a_large_fixed_overhead_favours_big_batches() -> None:
     choice = choose_batch_limits(
-        fake_forward(20, 0.5), frames=4, shape=(1, 2, 2), budget_ms=1000, max_size=64, repeats=3
+        fake_forward(20, 0.5), frames=4, shape=(1, 2, 2), budget_ms=1000, max_size=64, repeats=1
     )
     assert choice.max_batch_size == 64 and choice.max_batch_frames == 256
     assert choice.measured[64]["clips_per_s"] > 5 * choice.measured[1]["clips_per_s"]
@@ -36,7 +36,7 @@ def test_a_large_fixed_overhead_favours_big_batches() -> None:
 def test_flat_throughput_takes_the_largest_batch_within_the_budget() -> None:
     # 10 ms per clip whatever the batch: batching is throughput-neutral for the model, and a
     # large limit only fills under load, where it spreads the server's per-batch costs
-    choice = choose_batch_limits(fake_forward(0, 10), frames=8, shape=(1, 2, 2), budget_ms=200, repeats=3)
+    choice = choose_batch_limits(fake_forward(0, 10), frames=8, shape=(1, 2, 2), budget_ms=200, repeats=1)
     assert choice.max_batch_size == 16  # 16 clips take 160 ms; 32 take 320, over the budget
     assert max(choice.measured) == 32
 
@@ -53,15 +53,30 @@ def slower_past(knee: int, per_clip_ms: float):  # type: ignore[no-untyped-def]
 
 
 def test_a_batch_size_that_loses_throughput_is_not_chosen() -> None:
-    choice = choose_batch_limits(slower_past(4, 2), frames=8, shape=(1, 2, 2), budget_ms=300, repeats=3)
+    choice = choose_batch_limits(slower_past(4, 2), frames=8, shape=(1, 2, 2), budget_ms=300, repeats=1)
     assert choice.max_batch_size == 4  # 8 clips run at half the rate of 4, 16 clips at a quarter
     assert max(choice.measured) == 32  # 32 clips take 512 ms: over the budget, the sweep stopped
 
 
 def test_the_latency_budget_caps_the_batch() -> None:
-    choice = choose_batch_limits(fake_forward(20, 2), frames=8, shape=(1, 2, 2), budget_ms=60, repeats=3)
+    choice = choose_batch_limits(fake_forward(20, 2), frames=8, shape=(1, 2, 2), budget_ms=60, repeats=1)
     # 16 clips take 52 ms (within 60), 32 clips take 84 ms: over the budget.
     assert choice.max_batch_size == 16 and 32 in choice.measured
+
+
+def test_every_sample_runs_as_many_clips_whatever_the_batch_size() -> None:
+    # a shared machine's speed swings within a second: samples of equal work (not one call each,
+    # 1 clip against 32) give every size the same chance of a fast or a slow moment
+    clips: dict[int, int] = {}
+
+    def forward(frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        clips[len(lengths)] = clips.get(len(lengths), 0) + len(lengths)
+        return torch.zeros(len(lengths), 2)
+
+    choose_batch_limits(forward, frames=2, shape=(1, 2, 2), budget_ms=1000, max_size=16, repeats=2)
+    assert sorted(clips) == [1, 2, 4, 8, 16]
+    # each size: one warm-up call and two timed calls in the sweep, then 2 samples of 16 clips
+    assert all(n == 3 * size + 2 * 16 for size, n in clips.items()), clips
 
 
 def test_the_sweep_times_frames_laid_out_as_decoded_frames_arrive() -> None:
@@ -73,7 +88,7 @@ def test_the_sweep_times_frames_laid_out_as_decoded_frames_arrive() -> None:
         seen.append(frames)
         return torch.zeros(len(lengths), 2)
 
-    choose_batch_limits(forward, frames=4, shape=(3, 8, 6), budget_ms=100, max_size=2, repeats=3)
+    choose_batch_limits(forward, frames=4, shape=(3, 8, 6), budget_ms=100, max_size=2, repeats=1)
     clip = decode_images([encode_jpeg(np.zeros((8, 6, 3), np.uint8))] * 4, InputLimits(8, 6, 3, 4, 8, 10**6))
     assert seen and all(f.shape[1:] == clip.shape[1:] and f.dtype == clip.dtype for f in seen)
     assert all(f.stride()[1:] == clip.stride()[1:] for f in seen)
