@@ -2,7 +2,9 @@
 
 Interleaving over ``--rounds`` spreads drift on a shared machine (other tenants, thermal,
 page cache) over both sides alike; the report gives each side's median per concurrency
-and the ratio B/A for clips/s, p50 and p99.
+and the ratio B/A for clips/s, p50 and p99. ``--b-frame-size`` sends side B frames of
+another size (the same settings on both sides then compare inputs, not configurations:
+224x224 frames that the server resizes against frames already at the model's size).
 """
 
 from __future__ import annotations
@@ -57,13 +59,15 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 async def run_rounds(servers: dict[str, ServerProcess], args: argparse.Namespace) -> dict[str, Any]:
-    payloads = loadgen.build_payloads(args.payload, args.clips, args.frames, args.frame_size)
-    result: dict[str, Any] = {"runs": {}, "summary": {}}
+    sizes = {"A": args.frame_size, "B": args.b_frame_size or args.frame_size}
+    payloads = {side: loadgen.build_payloads(args.payload, args.clips, args.frames, sizes[side]) for side in sizes}
+    result: dict[str, Any] = {"runs": {}, "summary": {}, "frame_size": sizes}
+    result["payload_mean_bytes"] = {side: round(statistics.mean(len(p.body) for p in payloads[side])) for side in sizes}
     # Connections to both servers stay open between turns, so neither side pays for reconnecting.
     async with loadgen.make_client(2 * max(args.concurrency)) as client:
         result["server_info"] = {side: await server_info(client, s.url) for side, s in servers.items()}
-        for server in servers.values():
-            await warm_up(client, server, payloads, args)
+        for side, server in servers.items():
+            await warm_up(client, server, payloads[side], args)
         for c in args.concurrency:
             runs: dict[str, list[dict[str, Any]]] = {side: [] for side in servers}
             for turn in range(args.rounds):
@@ -71,7 +75,7 @@ async def run_rounds(servers: dict[str, ServerProcess], args: argparse.Namespace
                 # change runs colder) does not favour either side
                 order = list(servers.items()) if turn % 2 == 0 else list(servers.items())[::-1]
                 for side, server in order:
-                    load = closed_loop_load(client, f"{server.url}/predict", payloads, c, args)
+                    load = closed_loop_load(client, f"{server.url}/predict", payloads[side], c, args)
                     runs[side].append(await measure(client, server, load, args.rss_interval))
             result["runs"][str(c)] = runs
             result["summary"][str(c)] = summarise(runs)
@@ -109,8 +113,10 @@ def markdown(result: dict[str, Any]) -> str:
         cells.append(f"{_fmt(s['A']['batch_size'])}/{_fmt(s['B']['batch_size'])}")
         cells.append(f"{s['A']['errors']}/{s['B']['errors']}")
         lines.append("| " + " | ".join(cells) + " |")
-    env = result["server_env"]
-    lines.append(f"\nA: {env['A'] or 'defaults'}\nB: {env['B'] or 'defaults'}")
+    env, settings = result["server_env"], result["settings"]
+    size_a, size_b = settings["frame_size"], settings.get("b_frame_size") or settings["frame_size"]
+    frames = f" ({size_a}px frames)" if size_a == size_b else f" ({size_a}px frames), B: {size_b}px frames"
+    lines.append(f"\nA: {env['A'] or 'defaults'}\nB: {env['B'] or 'defaults'}{frames}")
     return "\n".join(lines)
 
 
@@ -123,6 +129,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--b", required=True, metavar="KEY=VALUE[,...]", help="settings of server B")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="closed-loop levels")
     p.add_argument("--rounds", type=int, default=2, help="turns per concurrency (A B, then B A, ...)")
+    p.add_argument(
+        "--b-frame-size", type=int, help="frame size of side B's requests (default: --frame-size, as side A)"
+    )
     p.set_defaults(func=main, duration=5.0)
 
 

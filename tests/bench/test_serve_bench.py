@@ -97,11 +97,15 @@ def test_serve_bench_reports_every_level_without_errors(tmp_path: Path) -> None:
 
 def test_compare_bench_interleaves_both_configurations(tmp_path: Path) -> None:
     out = tmp_path / "compare.json"
-    sides = ["--a", "", "--b", "MAX_BATCH_DELAY_MS=2"]
+    sides = ["--a", "", "--b", "MAX_BATCH_DELAY_MS=2", "--frame-size", "32", "--b-frame-size", "96"]
     proc = run_bench("compare", *sides, "--concurrency", "1", "2", "--rounds", "1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["server_env"] == {"A": {}, "B": {"FUSIONSERVE_MAX_BATCH_DELAY_MS": "2"}}
+    # side B sent larger frames (the server resized them to the model's size)
+    assert result["frame_size"] == {"A": 32, "B": 96}
+    assert result["payload_mean_bytes"]["B"] > 2 * result["payload_mean_bytes"]["A"]
+    assert "B: 96px frames" in proc.stdout
     assert set(result["summary"]) == set(result["runs"]) == {"1", "2"}
     for c, summary in result["summary"].items():
         assert [len(result["runs"][c][side]) for side in ("A", "B")] == [1, 1]
