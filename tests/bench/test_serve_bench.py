@@ -80,8 +80,11 @@ def test_serve_bench_reports_every_level_without_errors(tmp_path: Path) -> None:
     for pair in pairs:
         assert pair["decode_ms"] > 0 and pair["forward_ms"] > 0 and pair["p50_ms"] > 0
         assert pair["total_ms"] == pytest.approx(pair["decode_ms"] + pair["forward_ms"], abs=0.02)
+        assert pair["hot_total_ms"] > 0
     gaps = [pair["p50_ms"] - pair["total_ms"] for pair in pairs]
     assert levels[0]["p50_over_inprocess_ms"] == pytest.approx(statistics.median(gaps), abs=0.01)
+    hot_gaps = [pair["p50_ms"] - pair["hot_total_ms"] for pair in pairs]
+    assert levels[0]["p50_over_hot_ms"] == pytest.approx(statistics.median(hot_gaps), abs=0.01)
     assert levels[0]["inprocess"]["total_ms"] == pytest.approx(
         statistics.median(p["total_ms"] for p in pairs), abs=0.01
     )
