@@ -3,7 +3,10 @@
 At warm-up the model's forward time is measured on the actual device for growing
 batch sizes at the model's clip length. The chosen limit is the largest batch size
 whose forward pass stays within the latency budget and whose clips/s is within
-``tolerance`` (10%) of the best size's. A large limit costs nothing when the server is
+``tolerance`` (20%) of the best size's. 20% is the spread of the sweep itself between
+server starts on a shared 2-core machine (one size read 105 to 128 clips/s from one start
+to the next); with 10%, the seed model's limit came out 4 in one start of eight and 16 in
+the others (docs/PERFORMANCE.md). A large limit costs nothing when the server is
 quiet (the batcher runs whatever is queued, a lone clip at once); under load it lets
 the server's own per-batch costs (thread hand-offs, copies, Python) spread over more
 clips. On a CPU where batching is flat, a limit of 1 would leave that on the table:
@@ -83,7 +86,7 @@ def choose_batch_limits(
     shape: tuple[int, int, int],
     budget_ms: float,
     max_size: int = MAX_SIZE,
-    tolerance: float = 0.1,
+    tolerance: float = 0.2,
     repeats: int = 3,
 ) -> Choice:
     """Sweep batch sizes 1, 2, 4, ... (up to ``max_size``, or the first over the budget; the

@@ -113,10 +113,9 @@ def markdown(result: dict[str, Any]) -> str:
         cells.append(f"{_fmt(s['A']['batch_size'])}/{_fmt(s['B']['batch_size'])}")
         cells.append(f"{s['A']['errors']}/{s['B']['errors']}")
         lines.append("| " + " | ".join(cells) + " |")
-    env, settings = result["server_env"], result["settings"]
-    size_a, size_b = settings["frame_size"], settings.get("b_frame_size") or settings["frame_size"]
-    frames = f" ({size_a}px frames)" if size_a == size_b else f" ({size_a}px frames), B: {size_b}px frames"
-    lines.append(f"\nA: {env['A'] or 'defaults'}\nB: {env['B'] or 'defaults'}{frames}")
+    env, sizes = result["server_env"], result["frame_size"]
+    lines.append("")
+    lines += [f"{side}: {env[side] or 'defaults'}, {sizes[side]}px frames" for side in ("A", "B")]
     return "\n".join(lines)
 
 

@@ -108,7 +108,7 @@ def test_compare_bench_interleaves_both_configurations(tmp_path: Path) -> None:
     # side B sent larger frames (the server resized them to the model's size)
     assert result["frame_size"] == {"A": 32, "B": 96}
     assert result["payload_mean_bytes"]["B"] > 2 * result["payload_mean_bytes"]["A"]
-    assert "B: 96px frames" in proc.stdout
+    assert "B: {'FUSIONSERVE_MAX_BATCH_DELAY_MS': '2'}, 96px frames" in proc.stdout
     assert set(result["summary"]) == set(result["runs"]) == {"1", "2"}
     for c, summary in result["summary"].items():
         assert [len(result["runs"][c][side]) for side in ("A", "B")] == [1, 1]
