@@ -5,8 +5,8 @@ batch sizes at the model's clip length. The chosen limit is the largest batch si
 whose forward pass stays within the latency budget and whose clips/s is within
 ``tolerance`` (20%) of the best size's. 20% is the spread of the sweep itself between
 server starts on a shared 2-core machine (one size read 105 to 128 clips/s from one start
-to the next); with 10%, the seed model's limit came out 4 in one start of eight and 16 in
-the others (docs/PERFORMANCE.md). A large limit costs nothing when the server is
+to the next); with 10%, the seed model's limit came out 4 in one start of ten (16 or 32 in
+the others; docs/PERFORMANCE.md). A large limit costs nothing when the server is
 quiet (the batcher runs whatever is queued, a lone clip at once); under load it lets
 the server's own per-batch costs (thread hand-offs, copies, Python) spread over more
 clips. On a CPU where batching is flat, a limit of 1 would leave that on the table:
