@@ -159,9 +159,9 @@ class ModelRuntime:
             self.cuda_graphs = False
         else:
             self._copy_stream = torch.cuda.Stream(self.device)
-        # batch norms become part of their convs: one pass less over each block's activations
-        self.folded = fold_batchnorm(self.checkpoint.model.eval())
         model = self.checkpoint.model
+        # batch norms become part of their convs: one pass less over each block's activations
+        self.folded = fold_batchnorm(model.eval())
         model.frames_per_pass = frames_per_encoder_pass(
             self.checkpoint.input, self.pass_pixels, self.device, self.compiled
         )
