@@ -30,7 +30,7 @@ for ckpt in seed models/weights/moving-digits-lstm.safetensors; do
         --no-preprocessing --out "$out/ceiling-$name-cuda.json"
 done
 step "serve seed" "$py" -m bench serve --checkpoint seed --concurrency 1 8 32 64 --rates --duration 3 \
-    --warmup 1 --ceiling-time 0.3 --out "$out/serve-seed-cuda.json"
+    --warmup 1 --ceiling-time 0.3 --c1-pairs 3 --c1-pair-time 1 --out "$out/serve-seed-cuda.json"
 step "compare self-tuned vs MAX_BATCH_SIZE=1" "$py" -m bench compare --checkpoint seed --a '' \
     --b FUSIONSERVE_MAX_BATCH_SIZE=1 --concurrency 1 8 64 "${short[@]}" --out "$out/compare-cuda-batch1.json"
 step "compare 2 vs 8 decode threads" "$py" -m bench compare --checkpoint seed --a '' \
