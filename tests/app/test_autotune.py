@@ -36,7 +36,7 @@ def test_a_large_fixed_overhead_favours_big_batches() -> None:
 def test_flat_throughput_takes_the_largest_batch_within_the_budget() -> None:
     # 10 ms per clip whatever the batch: batching is throughput-neutral for the model, and a
     # large limit only fills under load, where it spreads the server's per-batch costs
-    choice = choose_batch_limits(fake_forward(0, 10), frames=8, shape=(1, 2, 2), budget_ms=200, repeats=1)
+    choice = choose_batch_limits(fake_forward(0, 10), frames=8, shape=(1, 2, 2), budget_ms=200, repeats=2)
     assert choice.max_batch_size == 16  # 16 clips take 160 ms; 32 take 320, over the budget
     assert max(choice.measured) == 32
 
@@ -53,13 +53,14 @@ def slower_past(knee: int, per_clip_ms: float):  # type: ignore[no-untyped-def]
 
 
 def test_a_batch_size_that_loses_throughput_is_not_chosen() -> None:
-    choice = choose_batch_limits(slower_past(4, 2), frames=8, shape=(1, 2, 2), budget_ms=300, repeats=1)
+    # two samples each (the fastest kept), so one sleep that overran on a busy machine cannot decide
+    choice = choose_batch_limits(slower_past(4, 2), frames=8, shape=(1, 2, 2), budget_ms=300, repeats=2)
     assert choice.max_batch_size == 4  # 8 clips run at half the rate of 4, 16 clips at a quarter
     assert max(choice.measured) == 32  # 32 clips take 512 ms: over the budget, the sweep stopped
 
 
 def test_the_latency_budget_caps_the_batch() -> None:
-    choice = choose_batch_limits(fake_forward(20, 2), frames=8, shape=(1, 2, 2), budget_ms=60, repeats=1)
+    choice = choose_batch_limits(fake_forward(20, 2), frames=8, shape=(1, 2, 2), budget_ms=60, repeats=2)
     # 16 clips take 52 ms (within 60), 32 clips take 84 ms: over the budget.
     assert choice.max_batch_size == 16 and 32 in choice.measured
 
