@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -478,13 +479,9 @@ class InRunCeiling:
 
         limits = self.runtime.limits(max(payload.frames, self.frames), 1 << 31)
         if payload.kind == "mp4":
-
-            def decode() -> torch.Tensor:
-                return decode_video(payload.media[0], limits, payload.frames)
+            decode = functools.partial(decode_video, payload.media[0], limits, payload.frames)
         else:
-
-            def decode() -> torch.Tensor:
-                return decode_images(list(payload.media), limits)
+            decode = functools.partial(decode_images, list(payload.media), limits)
 
         clip = decode()
         lengths = torch.tensor([clip.shape[0]])
