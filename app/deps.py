@@ -11,7 +11,9 @@ from app.errors import unauthorized
 from app.state import Service
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    """The app's service. ``async``: FastAPI runs a plain ``def`` dependency in its thread pool,
+    a round trip between threads for every request (about 0.5 ms each at concurrency 1)."""
     service: Service = request.app.state.service
     return service
 
@@ -19,7 +21,7 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def require_api_key(request: Request, service: ServiceDep) -> None:
+async def require_api_key(request: Request, service: ServiceDep) -> None:
     """With ``FUSIONSERVE_API_KEY`` set, require it as ``Authorization: Bearer`` or ``X-API-Key``."""
     expected = service.settings.api_key
     if expected is None:

@@ -91,6 +91,29 @@ def test_mp4_video_is_sampled_to_the_model_frame_count(server: str, reference) -
     assert r.status_code == 200 and r.json()["frames"] == 6
 
 
+def test_requests_take_no_round_trip_through_the_worker_thread_pool(
+    server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dependencies and routes are coroutines: FastAPI runs a plain ``def`` one in anyio's thread
+    pool, a hop between threads on every request (about 0.5 ms each at concurrency 1)."""
+    import anyio.to_thread
+
+    real = anyio.to_thread.run_sync
+    hops: list[str] = []
+
+    async def counted(func, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hops.append(getattr(func, "__name__", repr(func)))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+    blobs = [encode(f, "JPEG") for f in synth_clip("left", frames=4)]
+    r = httpx.post(f"{server}/predict", files=multipart_frames(blobs), timeout=30)
+    assert r.status_code == 200, r.text
+    for path in ("/models", "/models/moving-digits-lstm", "/v2/models/moving-digits-lstm", "/v2/health/ready"):
+        assert httpx.get(f"{server}{path}").status_code == 200
+    assert hops == []
+
+
 def test_models_listing_and_detail(server: str) -> None:
     r = httpx.get(f"{server}/models")
     assert r.status_code == 200
