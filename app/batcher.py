@@ -101,6 +101,11 @@ class _InFlight:
     handle: Launched
 
 
+def _retrieve(future: asyncio.Future[Result]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class Batcher:
     def __init__(
         self,
@@ -171,22 +176,28 @@ class Batcher:
                 raise Overloaded(f"model {self.name} has {len(self._queue)} clips queued (limit {self.max_queue})")
             self._queue.extend(pending)
             self._cond.notify()
+        # One timer per request on the loop, not a wait_for per clip: each layer of futures
+        # between the worker's answer and this coroutine is another turn of the event loop.
+        timer = loop.call_later(self.timeout_s, self._expire, pending)
         try:
-            return [await self._wait(p) for p in pending]
+            return [await p.future for p in pending]
         except BaseException:  # timed out, failed, or the caller went away: withdraw what is still queued
             self._withdraw(pending)
+            for p in pending:  # the outcomes nobody awaits now: retrieved, so asyncio does not log them
+                p.future.add_done_callback(_retrieve)
             raise
+        finally:
+            timer.cancel()
 
-    async def _wait(self, pending: _Pending) -> Result:
-        left = pending.deadline - time.perf_counter()
-        try:
-            return await asyncio.wait_for(asyncio.shield(pending.future), max(left, 0.0))
-        except TimeoutError:
-            with self._cond:
-                running = pending.started
-            if running:
-                return await pending.future
-            raise TimedOut(f"waited more than {self.timeout_s:g} s in the queue") from None
+    def _expire(self, pending: list[_Pending]) -> None:
+        """On the loop at the deadline: fail the clips still queued; a started clip is answered late."""
+        with self._cond:
+            expired = [p for p in pending if not p.started]
+            for p in expired:
+                p.cancelled = True
+        for p in expired:
+            if not p.future.done():
+                p.future.set_exception(TimedOut(f"waited more than {self.timeout_s:g} s in the queue"))
 
     def _withdraw(self, pending: list[_Pending]) -> None:
         with self._cond:

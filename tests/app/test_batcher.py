@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -152,6 +153,29 @@ def test_timed_out_and_cancelled_clips_are_dropped_before_compute() -> None:
         await b.close()  # the worker drains the queue (dropping both) and stops
         assert model.batches == [[1]]
         assert sorted(drops) == ["cancelled", "cancelled"]
+
+    asyncio.run(main())
+
+
+def test_a_request_of_several_clips_times_out_once_and_leaves_no_unretrieved_errors() -> None:
+    async def main() -> None:
+        reported: list[dict[str, object]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: reported.append(ctx))
+        model = FakeModel()
+        model.gate.clear()
+        b, _, drops = make(model, timeout_s=0.2)
+        running = asyncio.ensure_future(b.submit(clip(1)))
+        await until(lambda: model.entered == 1)
+        with pytest.raises(TimedOut):  # the deadline's timer fails every clip of the request still queued
+            await b.submit_many([clip(2), clip(3), clip(4)])
+        model.gate.set()
+        await running
+        await b.close()
+        assert model.batches == [[1]]  # none of the three reached the model
+        assert drops == ["cancelled"] * 3
+        gc.collect()  # a future whose exception nobody retrieved is reported when it is collected
+        await asyncio.sleep(0)
+        assert reported == []
 
     asyncio.run(main())
 
