@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -72,13 +73,19 @@ class BatchStats:
     inference_s: float
 
 
+_NO_CLIP = torch.empty(0, dtype=torch.uint8)
+
+
 @dataclass(eq=False)
-class _Pending:
-    clip: torch.Tensor  # (T, C, H, W) uint8
+class Ticket:
+    """One clip's place: taken on the event loop (``Batcher.tickets``), queued with its clip from any
+    thread (``Batcher.enqueue``); its future is answered on ``loop``."""
+
     future: asyncio.Future[Result]
     loop: asyncio.AbstractEventLoop
-    enqueued: float
-    deadline: float
+    clip: torch.Tensor = field(default=_NO_CLIP)  # (T, C, H, W) uint8, once queued
+    enqueued: float = field(default=0.0)  # time.perf_counter() when queued
+    deadline: float = field(default=math.inf)  # for waiting in the queue; none before it is queued
     cancelled: bool = field(default=False)  # written under the batcher's lock
     started: bool = field(default=False)  # written under the batcher's lock
 
@@ -95,7 +102,7 @@ Launch = Callable[[torch.Tensor, torch.Tensor], Launched]
 
 @dataclass
 class _InFlight:
-    batch: list[_Pending]
+    batch: list[Ticket]
     lengths: torch.Tensor
     started: float
     handle: Launched
@@ -134,7 +141,7 @@ class Batcher:
         self.max_delay_s, self.max_queue, self.timeout_s = max_delay_s, max_queue, timeout_s
         self._on_batch = on_batch or (lambda stats: None)
         self._on_drop = on_drop or (lambda reason: None)
-        self._queue: deque[_Pending] = deque()
+        self._queue: deque[Ticket] = deque()
         self._cond = threading.Condition()
         self._closing = False
         self.share_from = share_from
@@ -161,45 +168,88 @@ class Batcher:
         return result
 
     async def submit_many(self, clips: list[torch.Tensor]) -> list[Result]:
-        """Queue clips all together or not at all, and wait for each one's probabilities.
+        """Queue clips all together or not at all, and wait for each one's probabilities."""
+        tickets = self.tickets(len(clips), asyncio.get_running_loop())
+        self.enqueue(tickets, clips)
+        return await self.wait(tickets)
 
-        The deadline covers waiting in the queue only: a clip whose batch has started
-        is answered even if the batch ends after the deadline.
+    @staticmethod
+    def tickets(count: int, loop: asyncio.AbstractEventLoop) -> list[Ticket]:
+        """Places for ``count`` clips of one request, answered on ``loop``: the route waits on them
+        (``wait``) while a decode thread decodes the clips and queues them (``enqueue``, or ``fail``)."""
+        return [Ticket(loop.create_future(), loop) for _ in range(count)]
+
+    def enqueue(self, tickets: list[Ticket], clips: list[torch.Tensor]) -> None:
+        """Queue ``clips`` under ``tickets``, all together or not at all; from any thread.
+
+        A decode thread queues the clip it has just decoded, and the worker starts on it
+        without a turn of the event loop in between: the loop wakes once per request, for
+        its answer (docs/PERFORMANCE.md).
         """
-        loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        pending = [_Pending(c, loop.create_future(), loop, now, now + self.timeout_s) for c in clips]
         with self._cond:
             if self._closing:
                 raise Closed(f"model {self.name} is shutting down")
-            if len(self._queue) + len(pending) > self.max_queue:
+            if len(self._queue) + len(tickets) > self.max_queue:
                 raise Overloaded(f"model {self.name} has {len(self._queue)} clips queued (limit {self.max_queue})")
-            self._queue.extend(pending)
+            for ticket, clip in zip(tickets, clips, strict=True):
+                ticket.clip, ticket.enqueued, ticket.deadline = clip, now, now + self.timeout_s
+            self._queue.extend(tickets)
             self._cond.notify()
+
+    def fail(self, tickets: list[Ticket], exc: Exception) -> None:
+        """Answer ``tickets`` with ``exc`` (e.g. their clip could not be decoded); from any thread."""
+        for ticket in tickets:
+            self._settle(ticket, exc=exc)
+
+    async def wait(self, tickets: list[Ticket]) -> list[Result]:
+        """The results of ``tickets``, in order; raises the first failure.
+
+        The deadline covers waiting in the queue only: a clip whose batch has started
+        is answered even if the batch ends after the deadline. If this is cancelled, or a
+        clip fails, the request's clips still queued are withdrawn.
+        """
         # One timer per request on the loop, not a wait_for per clip: each layer of futures
         # between the worker's answer and this coroutine is another turn of the event loop.
-        timer = loop.call_later(self.timeout_s, self._expire, pending)
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle | None = None
+
+        def check() -> None:
+            nonlocal timer
+            again = self._expire(tickets)
+            timer = None if again is None else loop.call_later(again, check)
+
+        timer = loop.call_later(self.timeout_s, check)
         try:
-            return [await p.future for p in pending]
+            return [await t.future for t in tickets]
         except BaseException:  # timed out, failed, or the caller went away: withdraw what is still queued
-            self._withdraw(pending)
-            for p in pending:  # the outcomes nobody awaits now: retrieved, so asyncio does not log them
-                p.future.add_done_callback(_retrieve)
+            self._withdraw(tickets)
+            for t in tickets:  # the outcomes nobody awaits now: retrieved, so asyncio does not log them
+                t.future.add_done_callback(_retrieve)
             raise
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
 
-    def _expire(self, pending: list[_Pending]) -> None:
-        """On the loop at the deadline: fail the clips still queued; a started clip is answered late."""
+    def _expire(self, tickets: list[Ticket]) -> float | None:
+        """On the loop: fail the request's clips that waited in the queue past their deadline (a
+        started clip is answered late). Returns the seconds until the next check, None if none."""
+        now = time.perf_counter()
         with self._cond:
-            expired = [p for p in pending if not p.started]
-            for p in expired:
-                p.cancelled = True
-        for p in expired:
-            if not p.future.done():
-                p.future.set_exception(TimedOut(f"waited more than {self.timeout_s:g} s in the queue"))
+            waiting = [t for t in tickets if not t.started and not t.future.done()]
+            if not waiting:
+                return None
+            deadline = min(t.deadline for t in waiting)  # infinite while a clip is still being decoded
+            if deadline > now:
+                return min(deadline - now, self.timeout_s)
+            for t in waiting:
+                t.cancelled = True
+        for t in waiting:
+            if not t.future.done():
+                t.future.set_exception(TimedOut(f"waited more than {self.timeout_s:g} s in the queue"))
+        return None
 
-    def _withdraw(self, pending: list[_Pending]) -> None:
+    def _withdraw(self, pending: list[Ticket]) -> None:
         with self._cond:
             for p in pending:
                 if not p.started:
@@ -243,7 +293,7 @@ class Batcher:
             return True
         return sum(p.clip.shape[0] for p in self._queue) >= self.max_batch_frames
 
-    def _guarded(self, step: Callable[..., _InFlight | None], arg: list[_Pending] | _InFlight) -> _InFlight | None:
+    def _guarded(self, step: Callable[..., _InFlight | None], arg: list[Ticket] | _InFlight) -> _InFlight | None:
         try:
             return step(arg)
         except Exception as exc:  # never let the worker die with clips in hand
@@ -252,7 +302,7 @@ class Batcher:
                 self._settle(pending, exc=InferenceFailed(f"internal error: {exc}"))
             return None
 
-    def _start(self, batch: list[_Pending]) -> _InFlight | None:
+    def _start(self, batch: list[Ticket]) -> _InFlight | None:
         """Run the batch now, or with ``launch`` start it and return it to finish later."""
         if self._launch is None:
             self._execute(batch)
@@ -276,7 +326,7 @@ class Batcher:
             return
         self._answer(inflight.batch, inflight.lengths, inflight.started, probs)
 
-    def _collect(self, block: bool = True) -> list[_Pending] | None:
+    def _collect(self, block: bool = True) -> list[Ticket] | None:
         """The next batch; [] when ``block`` is false and nothing waits; None once closed and empty."""
         with self._cond:
             while block and not self._closing and not self._may_take():
@@ -287,7 +337,7 @@ class Batcher:
                 return []  # not blocking, and another worker is busy with too few clips waiting
             if self.max_delay_s > 0 and not self._closing:
                 self._wait_for_fuller_batch()
-            batch: list[_Pending] = []
+            batch: list[Ticket] = []
             frames = 0
             now = time.perf_counter()
             while self._queue and len(batch) < self.max_batch_size:
@@ -330,7 +380,7 @@ class Batcher:
     def _run_now(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self._launch(frames, lengths).wait() if self._launch is not None else self._forward(frames, lengths)
 
-    def _execute(self, batch: list[_Pending]) -> None:
+    def _execute(self, batch: list[Ticket]) -> None:
         started = time.perf_counter()
         try:
             frames = torch.cat([p.clip for p in batch])  # (N, C, H, W)
@@ -349,7 +399,7 @@ class Batcher:
             return
         self._answer(batch, lengths, started, probs)
 
-    def _answer(self, batch: list[_Pending], lengths: torch.Tensor, started: float, probs: torch.Tensor) -> None:
+    def _answer(self, batch: list[Ticket], lengths: torch.Tensor, started: float, probs: torch.Tensor) -> None:
         spent = time.perf_counter() - started
         try:  # statistics first, so metrics read after an answer already count its batch
             self._on_batch(BatchStats(len(batch), int(lengths.sum()), [started - p.enqueued for p in batch], spent))
@@ -359,7 +409,7 @@ class Batcher:
             self._settle(pending, Result(row, started - pending.enqueued, spent, len(batch)))
 
     @staticmethod
-    def _settle(pending: _Pending, result: Result | None = None, exc: Exception | None = None) -> None:
+    def _settle(pending: Ticket, result: Result | None = None, exc: Exception | None = None) -> None:
         def apply() -> None:
             if pending.future.done():
                 return

@@ -62,6 +62,15 @@ class Service:
         """Run CPU-bound work (decoding) on the decode threads, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
 
+    def start_in_pool(self, fn: Any, *args: Any) -> None:
+        """Start ``fn`` on the decode threads without waiting for it; ``fn`` reports its own outcome."""
+        if self.decode_pool is None:
+            raise not_ready("the server is not ready")
+        try:
+            self.decode_pool.submit(fn, *args)
+        except RuntimeError as exc:  # the pool is shut down: the server is stopping
+            raise not_ready("the server is shutting down") from exc
+
     def load(self) -> None:
         """Load every checkpoint, warm it up, and start its batcher (blocking; call in a thread)."""
         s = self.settings

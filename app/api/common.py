@@ -1,14 +1,16 @@
-"""Helpers shared by the routes: submitting a clip while watching for the client leaving."""
+"""Helpers shared by the routes: queueing clips, and waiting for them while watching for the client leaving."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from fastapi import Request
 
-from app.batcher import Batcher, Closed, InferenceFailed, Overloaded, Result, TimedOut
+from app.batcher import Batcher, Closed, InferenceFailed, Overloaded, Result, Ticket, TimedOut
 from app.errors import ApiError, not_ready, overloaded, timed_out
 
 
@@ -29,9 +31,34 @@ def _consume(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-async def run_clips(request: Request, batcher: Batcher, clips: list[torch.Tensor]) -> list[Result]:
-    """Queue ``clips``; if the client disconnects first, withdraw them (dropped before compute)."""
-    task = asyncio.ensure_future(batcher.submit_many(clips))
+def decode_and_queue(batcher: Batcher, tickets: list[Ticket], decode: Callable[..., torch.Tensor], *args: Any) -> None:
+    """On a decode thread: decode one clip and queue it under ``tickets`` at once; a failure
+    (undecodable input, a full queue) answers the tickets instead."""
+    try:
+        batcher.enqueue(tickets, [decode(*args)])
+    except Exception as exc:
+        batcher.fail(tickets, exc)
+
+
+@contextlib.contextmanager
+def batcher_errors() -> Iterator[None]:
+    """The batcher's refusals and failures as API errors (503, 504, 422)."""
+    try:
+        yield
+    except Overloaded as exc:
+        raise overloaded(str(exc)) from exc
+    except Closed as exc:
+        raise not_ready(str(exc)) from exc
+    except TimedOut as exc:
+        raise timed_out(str(exc)) from exc
+    except InferenceFailed as exc:
+        raise ApiError(422, "inference_failed", f"the model could not process this clip: {exc}") from exc
+
+
+async def answers(request: Request, batcher: Batcher, tickets: list[Ticket]) -> list[Result]:
+    """Wait for the clips of ``tickets``; if the client disconnects first, withdraw them (dropped
+    before compute). Their failures come out as API errors (a decode error as it was raised)."""
+    task = asyncio.ensure_future(batcher.wait(tickets))
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
         waiting: set[asyncio.Future[Any]] = {task, watcher}
@@ -42,13 +69,13 @@ async def run_clips(request: Request, batcher: Batcher, clips: list[torch.Tensor
         task.cancel()
         task.add_done_callback(_consume)
         raise ClientGone()
-    try:
+    with batcher_errors():
         return task.result()
-    except Overloaded as exc:
-        raise overloaded(str(exc)) from exc
-    except Closed as exc:
-        raise not_ready(str(exc)) from exc
-    except TimedOut as exc:
-        raise timed_out(str(exc)) from exc
-    except InferenceFailed as exc:
-        raise ApiError(422, "inference_failed", f"the model could not process this clip: {exc}") from exc
+
+
+async def run_clips(request: Request, batcher: Batcher, clips: list[torch.Tensor]) -> list[Result]:
+    """Queue ``clips`` (all or none) and wait for them as ``answers`` does."""
+    tickets = batcher.tickets(len(clips), asyncio.get_running_loop())
+    with batcher_errors():
+        batcher.enqueue(tickets, clips)
+    return await answers(request, batcher, tickets)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import torch
@@ -14,7 +16,8 @@ from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from app.api.common import ClientGone, run_clips
+from app.api.common import ClientGone, answers, decode_and_queue
+from app.batcher import Ticket
 from app.deps import ServiceDep, require_api_key
 from app.errors import bad_input, unsupported, wrong_shape
 from app.preprocess import decode_base64_images, decode_images, decode_video
@@ -75,9 +78,16 @@ TopKQuery = Annotated[int, Query(ge=1, le=1000, description="how many labels to 
 FramesQuery = Annotated[int | None, Query(ge=1, description="frames to sample from a video (default: the model's)")]
 
 
-async def read_clip(request: Request, service: Service, served: ServedModel, frames: int | None) -> torch.Tensor:
-    """The request body, whatever its form, as one clip (T, C, H, W) uint8 at the model's size."""
+async def read_and_queue(
+    request: Request, service: Service, served: ServedModel, tickets: list[Ticket], frames: int | None
+) -> None:
+    """Read the request body, whatever its form, and start a decode thread on it: the thread
+    decodes one clip (T, C, H, W) uint8 at the model's size and queues it under ``tickets``."""
     limits = served.limits
+
+    def queue(decode: Callable[..., torch.Tensor], *args: Any) -> None:
+        service.start_in_pool(decode_and_queue, served.batcher, tickets, decode, *args)
+
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         try:
@@ -98,13 +108,15 @@ async def read_clip(request: Request, service: Service, served: ServedModel, fra
                 video = videos[0]
                 if not isinstance(video, UploadFile):
                     raise bad_input("the 'video' part must be a file")
-                return await service.in_pool(decode_video, await video.read(), limits, frames)
+                queue(decode_video, await video.read(), limits, frames)
+                return
             blobs = []
             for i, part in enumerate(parts):
                 if not isinstance(part, UploadFile):
                     raise bad_input(f"frame {i} must be a file part")
                 blobs.append(await part.read())
-            return await service.in_pool(decode_images, blobs, limits)
+            queue(decode_images, blobs, limits)
+            return
         finally:
             await form.close()
     if content_type == "application/json":
@@ -119,10 +131,12 @@ async def read_clip(request: Request, service: Service, served: ServedModel, fra
                 data = base64.b64decode(str(body["video"]), validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise bad_input(f"video is not valid base64 ({exc})") from exc
-            return await service.in_pool(decode_video, data, limits, frames)
+            queue(decode_video, data, limits, frames)
+            return
         if not isinstance(body["frames"], list):
             raise bad_input('"frames" must be a list of base64 strings')
-        return await service.in_pool(decode_base64_images, body["frames"], limits)
+        queue(decode_base64_images, body["frames"], limits)
+        return
     raise unsupported(
         f"content type {content_type or 'none'!r} is not supported; "
         "send multipart/form-data (frames or video parts) or application/json"
@@ -135,13 +149,15 @@ async def predict_with(
     started = time.perf_counter()
     service.check_accepting()
     served = service.model(name)
-    clip = await read_clip(request, service, served, frames)
-    decoded = time.perf_counter()
-    service.metrics.decode_seconds.labels("request").observe(decoded - started)
+    tickets = served.batcher.tickets(1, asyncio.get_running_loop())
+    await read_and_queue(request, service, served, tickets, frames)
     try:
-        [result] = await run_clips(request, served.batcher, [clip])
+        [result] = await answers(request, served.batcher, tickets)
     except ClientGone:
         return Response(status_code=499)
+    [ticket] = tickets
+    decoded = ticket.enqueued  # set by the decode thread when it queued the clip (perf_counter, as ``started``)
+    service.metrics.decode_seconds.labels("request").observe(decoded - started)
     probs = result.probabilities.tolist()
     labels = served.runtime.labels
     order = sorted(range(len(probs)), key=lambda i: -probs[i])
@@ -151,7 +167,7 @@ async def predict_with(
         label=labels[order[0]],
         probabilities=dict(zip(labels, probs, strict=True)),
         top_k=[TopK(label=labels[i], probability=probs[i]) for i in order[:top_k]],
-        frames=int(clip.shape[0]),
+        frames=int(ticket.clip.shape[0]),
         timing_ms=Timing(
             decode=ms(decoded - started),
             queue=ms(result.queue_s),

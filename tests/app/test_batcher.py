@@ -180,6 +180,44 @@ def test_a_request_of_several_clips_times_out_once_and_leaves_no_unretrieved_err
     asyncio.run(main())
 
 
+def test_a_clip_queued_from_another_thread_times_out_by_its_time_in_the_queue_not_before() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        model.gate.clear()
+        b, _, drops = make(model, timeout_s=0.3)
+        running = asyncio.ensure_future(b.submit(clip(1)))
+        await until(lambda: model.entered == 1)  # the worker is busy: what is queued now waits
+        tickets = b.tickets(1, asyncio.get_running_loop())
+        waiting = asyncio.ensure_future(b.wait(tickets))
+        await asyncio.sleep(0.45)  # "decoding" for longer than the timeout: not time in the queue
+        assert not waiting.done()
+        queued_at = time.monotonic()
+        await asyncio.to_thread(b.enqueue, tickets, [clip(2)])  # as a decode thread does
+        with pytest.raises(TimedOut):
+            await waiting
+        assert time.monotonic() - queued_at >= 0.25
+        model.gate.set()
+        await running
+        await b.close()
+        assert model.batches == [[1]] and drops == ["cancelled"]
+
+    asyncio.run(main())
+
+
+def test_a_failure_reported_from_another_thread_reaches_the_waiter() -> None:
+    async def main() -> None:
+        b, _, _ = make(FakeModel())
+        tickets = b.tickets(2, asyncio.get_running_loop())
+        waiting = asyncio.ensure_future(b.wait(tickets))
+        await asyncio.to_thread(b.fail, tickets, ValueError("frame 3 is not a decodable image"))
+        with pytest.raises(ValueError, match="frame 3"):
+            await waiting
+        assert (await b.submit(clip(2))).probabilities.tolist() == [8.0, 2.0]  # still serving
+        await b.close()
+
+    asyncio.run(main())
+
+
 def test_submit_many_is_all_or_nothing() -> None:
     async def main() -> None:
         model = FakeModel()
