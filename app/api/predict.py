@@ -13,14 +13,13 @@ from typing import Annotated, Any
 import torch
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
 
 from app.api.common import ClientGone, answers, decode_and_queue
 from app.batcher import Ticket
 from app.deps import ServiceDep, require_api_key
 from app.errors import bad_input, unsupported, wrong_shape
-from app.preprocess import decode_base64_images, decode_images, decode_video
+from app.multipart import parse_form
+from app.preprocess import InputLimits, decode_base64_images, decode_images, decode_video
 from app.schemas import ErrorBody, ModelInfo, ModelList, Prediction, Timing, TopK
 from app.state import ServedModel, Service
 
@@ -78,6 +77,25 @@ TopKQuery = Annotated[int, Query(ge=1, le=1000, description="how many labels to 
 FramesQuery = Annotated[int | None, Query(ge=1, description="frames to sample from a video (default: the model's)")]
 
 
+def decode_form(body: bytes, content_type: str, limits: InputLimits, frames: int | None) -> torch.Tensor:
+    """A multipart body -> one clip: its 'frames' file parts in order, or one 'video' part."""
+    parts = parse_form(body, content_type, max_files=limits.max_frames)
+    images = [p for p in parts if p.name == "frames"]
+    videos = [p for p in parts if p.name == "video"]
+    if images and videos:
+        raise bad_input("send either 'frames' parts or one 'video' part, not both")
+    if len(videos) > 1:
+        raise wrong_shape("send one 'video' part per request")
+    if videos:
+        if videos[0].filename is None:
+            raise bad_input("the 'video' part must be a file")
+        return decode_video(videos[0].data, limits, frames)
+    for i, part in enumerate(images):
+        if part.filename is None:
+            raise bad_input(f"frame {i} must be a file part")
+    return decode_images([p.data for p in images], limits)
+
+
 async def read_and_queue(
     request: Request, service: Service, served: ServedModel, tickets: list[Ticket], frames: int | None
 ) -> None:
@@ -89,36 +107,9 @@ async def read_and_queue(
         service.start_in_pool(decode_and_queue, served.batcher, tickets, decode, *args)
 
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "multipart/form-data":
-        try:
-            form = await request.form(
-                max_files=limits.max_frames + 1, max_fields=16, max_part_size=service.settings.max_upload_bytes
-            )
-        except HTTPException as exc:  # python-multipart's limits and parse errors, via Starlette
-            if "Too many files" in str(exc.detail):
-                raise wrong_shape(f"more frames than the limit of {limits.max_frames}") from exc
-            raise bad_input(f"the multipart body could not be parsed ({exc.detail})") from exc
-        try:
-            parts, videos = form.getlist("frames"), form.getlist("video")
-            if parts and videos:
-                raise bad_input("send either 'frames' parts or one 'video' part, not both")
-            if len(videos) > 1:
-                raise wrong_shape("send one 'video' part per request")
-            if videos:
-                video = videos[0]
-                if not isinstance(video, UploadFile):
-                    raise bad_input("the 'video' part must be a file")
-                queue(decode_video, await video.read(), limits, frames)
-                return
-            blobs = []
-            for i, part in enumerate(parts):
-                if not isinstance(part, UploadFile):
-                    raise bad_input(f"frame {i} must be a file part")
-                blobs.append(await part.read())
-            queue(decode_images, blobs, limits)
-            return
-        finally:
-            await form.close()
+    if content_type == "multipart/form-data":  # split into parts on the decode thread too
+        queue(decode_form, await request.body(), request.headers["content-type"], limits, frames)
+        return
     if content_type == "application/json":
         try:
             body = json.loads(await request.body())

@@ -118,6 +118,30 @@ def test_bad_query_parameter(server: str) -> None:
     )
 
 
+def test_malformed_multipart_bodies(server: str) -> None:
+    jpeg = frames(1)[0]
+    r = httpx.post(f"{server}/predict", data={"frames": "not a file"})  # form-urlencoded: not multipart
+    expect_error(r, 415, "unsupported_media_type", server)
+    r = httpx.post(f"{server}/predict", files=[("frames", ("0.jpg", jpeg, "image/jpeg"))], data={"frames": "x"})
+    expect_error(r, 400, "bad_input", server)
+    assert "must be a file part" in r.json()["error"]["message"]  # httpx sends fields first
+    both = [("frames", ("0.jpg", jpeg, "image/jpeg")), ("video", ("v.mp4", b"\0" * 64, "video/mp4"))]
+    expect_error(httpx.post(f"{server}/predict", files=both), 400, "bad_input", server)
+    two = [("video", ("a.mp4", b"\0" * 64, "video/mp4")), ("video", ("b.mp4", b"\0" * 64, "video/mp4"))]
+    expect_error(httpx.post(f"{server}/predict", files=two), 422, "wrong_shape", server)
+    fields = {f"f{i}": "x" for i in range(17)}
+    r = httpx.post(f"{server}/predict", files=[("frames", ("0.jpg", jpeg, "image/jpeg"))], data=fields)
+    expect_error(r, 400, "bad_input", server)
+    for ctype, body in (
+        ("multipart/form-data", b"--x\r\n"),  # no boundary in the header
+        ("multipart/form-data; boundary=abc", b"this is not a multipart body at all"),
+        ("multipart/form-data; boundary=abc", b"--abc\r\nContent-Type: image/jpeg\r\n\r\nxyz\r\n--abc--\r\n"),
+    ):
+        r = httpx.post(f"{server}/predict", content=body, headers={"content-type": ctype})
+        expect_error(r, 400, "bad_input", server)
+        assert "multipart" in r.json()["error"]["message"]
+
+
 def test_api_key(default_ckpt: Path) -> None:
     with live_server(checkpoint=default_ckpt, api_key=KEY) as url:
         files = multipart_frames(frames())
