@@ -25,12 +25,6 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-def _consume(future: asyncio.Future[Any]) -> None:
-    """Retrieve a withdrawn gather's outcome so asyncio does not log it as never retrieved."""
-    if not future.cancelled():
-        future.exception()
-
-
 def decode_and_queue(batcher: Batcher, tickets: list[Ticket], decode: Callable[..., torch.Tensor], *args: Any) -> None:
     """On a decode thread: decode one clip and queue it under ``tickets`` at once; a failure
     (undecodable input, a full queue) answers the tickets instead."""
@@ -57,20 +51,28 @@ def batcher_errors() -> Iterator[None]:
 
 async def answers(request: Request, batcher: Batcher, tickets: list[Ticket]) -> list[Result]:
     """Wait for the clips of ``tickets``; if the client disconnects first, withdraw them (dropped
-    before compute). Their failures come out as API errors (a decode error as it was raised)."""
-    task = asyncio.ensure_future(batcher.wait(tickets))
+    before compute) and raise ``ClientGone``. Their failures come out as API errors (a decode
+    error as it was raised).
+
+    The route awaits the clips' futures itself (``Batcher.wait``), not a task around them: the
+    worker's answer reaches it in one turn of the event loop.
+    """
+
+    def gone(watcher: asyncio.Task[None]) -> None:
+        if watcher.cancelled():
+            return  # answered first
+        watcher.exception()  # retrieved: a receive that failed means the connection is gone too
+        for ticket in tickets:
+            if not ticket.future.done():
+                ticket.future.set_exception(ClientGone())
+
     watcher = asyncio.ensure_future(_wait_disconnect(request))
+    watcher.add_done_callback(gone)
     try:
-        waiting: set[asyncio.Future[Any]] = {task, watcher}
-        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        with batcher_errors():
+            return await batcher.wait(tickets)
     finally:
         watcher.cancel()
-    if task not in done:
-        task.cancel()
-        task.add_done_callback(_consume)
-        raise ClientGone()
-    with batcher_errors():
-        return task.result()
 
 
 async def run_clips(request: Request, batcher: Batcher, clips: list[torch.Tensor]) -> list[Result]:
