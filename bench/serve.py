@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -353,13 +353,16 @@ async def paired_c1(
         one = await asyncio.to_thread(probe.single, payloads[0], args.c1_pair_time / 2)
         if burst["p50_ms"] is not None:
             pairs.append({"p50_ms": burst["p50_ms"], "server_ms": burst["server"]["request_ms"], **one})
+    out: dict[str, Any] = {}
+    if args.c1_interleaved:
+        out["c1_interleaved"] = await asyncio.to_thread(probe.interleaved, url, payloads[0], args.c1_interleaved)
     if not pairs:
-        return {}
+        return out
 
     def median(key: str) -> float:
         return round(statistics.median(p[key] for p in pairs), 2)
 
-    return {
+    return out | {
         "c1_pairs": pairs,
         "inprocess": {k: median(k) for k in ("decode_ms", "forward_ms", "total_ms", "hot_total_ms")},
         "p50_over_inprocess_ms": round(statistics.median(p["p50_ms"] - p["total_ms"] for p in pairs), 2),
@@ -389,7 +392,7 @@ async def run_levels(
                 after = await asyncio.to_thread(probe.at, batch)
                 row["ceiling_around"] = [spot[0], after[0]]
                 spot = after
-            if c == 1 and probe is not None and args.c1_pairs:
+            if c == 1 and probe is not None and (args.c1_pairs or args.c1_interleaved):
                 row |= await paired_c1(client, server, payloads, probe, args)
             out["closed_loop"].append(row)
             log.info("closed loop c=%d: %s", c, row)
@@ -463,6 +466,46 @@ class InRunCeiling:
         sustained, fastest = timed_calls(lambda: self.runtime.infer(clips, lengths), self.seconds)
         return round(batch / sustained, 1), round(batch / fastest, 1)
 
+    def decoder(self, payload: loadgen.Payload) -> Callable[[], Any]:
+        """The server's decoding of ``payload``'s parts (``app.preprocess``), as a call."""
+        from app.preprocess import decode_images, decode_video
+
+        limits = self.runtime.limits(max(payload.frames, self.frames), 1 << 31)
+        if payload.kind == "mp4":
+            return functools.partial(decode_video, payload.media[0], limits, payload.frames)
+        return functools.partial(decode_images, list(payload.media), limits)
+
+    def interleaved(self, url: str, payload: loadgen.Payload, requests: int, warmup: int = 5) -> dict[str, Any]:
+        """``requests`` requests of ``payload``, one at a time, each followed at once by the same
+        clip decoded and run at batch 1 in-process: a pair takes tens of milliseconds, so the
+        machine's drift, which moves both by up to 1.5x within a minute, cancels within each pair.
+
+        The client is httpx (a request at a time, the prebuilt body; its own overhead, a few
+        tenths of a millisecond, counts against the server). Reports the medians of both and
+        the median over the pairs of their difference (``gap_ms``)."""
+        import torch
+
+        decode = self.decoder(payload)
+        lengths = torch.tensor([payload.frames])
+        headers = {"content-type": payload.content_type}
+        latency, inprocess = [], []
+        with httpx.Client(timeout=120) as http:
+            for i in range(warmup + requests):
+                started = time.perf_counter()
+                http.post(url, content=payload.body, headers=headers).raise_for_status()
+                answered = time.perf_counter()
+                self.runtime.infer(decode(), lengths)
+                if i >= warmup:
+                    latency.append(answered - started)
+                    inprocess.append(time.perf_counter() - answered)
+        ms = [(a * 1000, b * 1000) for a, b in zip(latency, inprocess, strict=True)]
+        return {
+            "requests": requests,
+            "p50_ms": round(statistics.median(a for a, _ in ms), 2),
+            "inprocess_ms": round(statistics.median(b for _, b in ms), 2),
+            "gap_ms": round(statistics.median(a - b for a, b in ms), 2),
+        }
+
     def single(self, payload: loadgen.Payload, seconds: float | None = None) -> dict[str, float]:
         """What one request of ``payload`` costs in-process: the server's decoding of its parts
         (``app.preprocess``, on this thread), then a forward pass at batch 1 of that clip.
@@ -474,15 +517,9 @@ class InRunCeiling:
         """
         import torch
 
-        from app.preprocess import decode_images, decode_video
         from bench.ceiling import timed_calls
 
-        limits = self.runtime.limits(max(payload.frames, self.frames), 1 << 31)
-        if payload.kind == "mp4":
-            decode = functools.partial(decode_video, payload.media[0], limits, payload.frames)
-        else:
-            decode = functools.partial(decode_images, list(payload.media), limits)
-
+        decode = self.decoder(payload)
         clip = decode()
         lengths = torch.tensor([clip.shape[0]])
         self.runtime.infer(clip, lengths)
@@ -594,6 +631,13 @@ def markdown(result: dict[str, Any]) -> str:
                 f"({r['p50_over_hot_ms']:+g} ms against each step timed hot in its own loop, "
                 f"{_fmt(one['hot_total_ms'])} ms)"
             )
+    for r in result["closed_loop"]:
+        if inter := r.get("c1_interleaved"):
+            lines.append(
+                f"\nc=1 interleaved, {inter['requests']} requests one at a time, each followed by the same clip "
+                f"decoded and run in-process: p50 {_fmt(inter['p50_ms'])} ms against {_fmt(inter['inprocess_ms'])} ms "
+                f"in-process; median gap over the pairs {inter['gap_ms']:+g} ms"
+            )
     if soak_result := result.get("rss_soak"):
         lines.append(
             f"\nRSS soak (c={soak_result['concurrency']}, {soak_result['duration_s']:g} s): "
@@ -693,6 +737,14 @@ def add_parser(sub: Any) -> None:
         "against in-process decode + forward (0: skip; needs the ceiling)",
     )
     p.add_argument("--c1-pair-time", type=float, default=2.0, help="seconds of each burst and of its in-process half")
+    p.add_argument(
+        "--c1-interleaved",
+        type=int,
+        default=200,
+        metavar="REQUESTS",
+        help="after the c=1 level: requests one at a time (httpx), each followed by the same clip decoded and run "
+        "in-process; the median gap per pair (0: skip; needs the ceiling)",
+    )
     p.add_argument("--rss-soak", type=float, default=0.0, metavar="SECONDS", help="add a long run sampling RSS")
     p.add_argument("--soak-concurrency", type=int, default=64)
     p.add_argument(

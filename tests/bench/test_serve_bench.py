@@ -52,6 +52,8 @@ def test_serve_bench_reports_every_level_without_errors(tmp_path: Path) -> None:
         "2",
         "--c1-pair-time",
         "0.4",
+        "--c1-interleaved",
+        "6",
         "--rss-soak",
         "2",
         "--soak-concurrency",
@@ -89,6 +91,10 @@ def test_serve_bench_reports_every_level_without_errors(tmp_path: Path) -> None:
         statistics.median(p["total_ms"] for p in pairs), abs=0.01
     )
     assert "c1_pairs" not in levels[1]
+    # and request by request, each followed by the same clip decoded and run in-process
+    inter = levels[0]["c1_interleaved"]
+    assert inter["requests"] == 6 and inter["p50_ms"] > 0 and inter["inprocess_ms"] > 0
+    assert "c1_interleaved" not in levels[1]
     for row in levels:  # the server's own time per request is part of what the client waited for
         assert 0 < row["server"]["request_ms"] <= row["mean_ms"]
     assert [r["rate"] for r in result["open_loop"]] == [5.0]
