@@ -50,6 +50,11 @@ class Metrics:
             "fusionserve_model_info", "loaded models (value 1)", ["model", "version", "device", "head"], registry=r
         )
         self.ready = Gauge("fusionserve_ready", "1 when every model is loaded and warmed", registry=r)
+        self.memory_trims = Gauge(
+            "fusionserve_memory_trims",
+            "times free heap memory was handed back while serving (MEMORY_TRIM_S)",
+            registry=r,
+        )
 
     def batch_observer(self, model: str) -> Callable[[BatchStats], None]:
         size, frames = self.batch_size.labels(model), self.batch_frames.labels(model)

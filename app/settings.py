@@ -55,6 +55,12 @@ class Settings(BaseSettings):
         "so that a large batch needs the activation memory of one slice; 0: the whole batch at once",
     )
     decode_workers: int = Field(2, ge=1, description="threads that decode images and videos")
+    memory_trim_s: float = Field(
+        10.0,
+        ge=0,
+        description="on the CPU, hand free heap memory back to the system at most this often (seconds) after "
+        "a forward pass, so that RSS follows what is in use under sustained load; 0: never",
+    )
     warmup: bool = Field(True, description="run dummy batches before reporting ready")
     drain_s: float = Field(0.0, ge=0, description="after SIGTERM, seconds to report not-ready before closing")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -22,7 +22,7 @@ from app.metrics import Metrics
 from app.preprocess import InputLimits
 from app.runtime import CpuThreads, ModelRuntime, load_runtimes, pick_device
 from app.settings import Settings
-from models.system import release_free_memory
+from models.system import PeriodicRelease, release_free_memory
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -112,6 +112,10 @@ class Service:
             raise ValueError(f"default model {s.default_model!r} is not among the loaded {sorted(self.models)}")
         self.default_model = s.default_model or next(iter(self.models))
         release_free_memory()  # warm-up and autotune's largest batches need not stay resident
+        release = PeriodicRelease(s.memory_trim_s)  # from now on, while serving; one heap for every model
+        self.metrics.memory_trims.set_function(partial(getattr, release, "trims"))
+        for served in self.models.values():
+            served.runtime.release = release
         self.decode_pool = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode")
         for served in self.models.values():
             served.batcher.start()

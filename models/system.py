@@ -6,6 +6,8 @@ import ctypes
 import ctypes.util
 import logging
 import sys
+import threading
+import time
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +60,33 @@ def release_free_memory() -> bool:
         return bool(ctypes.CDLL(name).malloc_trim(0))
     except (OSError, AttributeError):
         return False
+
+
+class PeriodicRelease:
+    """``release_free_memory`` at most once per ``interval_s``, from whichever thread calls ``tick``.
+
+    With the thresholds ``tune_malloc`` sets, freed memory stays in the heap for reuse, but
+    under sustained load the heap fragments: a long-lived smaller block (a decoded clip
+    waiting in the queue) is carved out of a freed activation block, the next activation
+    of that size no longer fits, and the heap grows by it while the pages it left stay
+    resident. Trimming now and then hands the free pages back (RSS follows what is in
+    use); the next passes fault in what they touch again, once per interval.
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.trims = 0
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def tick(self) -> bool:
+        """Trim if the interval has passed since the last trim (or since start); True if it did."""
+        if self.interval_s <= 0:
+            return False
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < self.interval_s:
+                return False
+            self._last = now
+            self.trims += 1
+        return release_free_memory()
