@@ -21,6 +21,9 @@ it includes the end of the batch before it.
 another is, only once ``share_from`` clips (or a full batch of frames) are waiting: a
 model whose clips/s grows with the batch keeps gathering batches under load instead of
 two workers splitting the queue into single clips.
+
+``after_batch`` runs in the worker once a batch's clips are answered (housekeeping, such
+as handing free heap memory back: ``models.system.PeriodicRelease``).
 """
 
 from __future__ import annotations
@@ -129,6 +132,7 @@ class Batcher:
         launch: Launch | None = None,
         workers: int = 1,
         share_from: int = 1,
+        after_batch: Callable[[], object] | None = None,
     ) -> None:
         if min(max_batch_size, max_batch_frames, max_queue, workers, share_from) < 1:
             raise ValueError("batch limits, queue size, workers and share_from must be positive")
@@ -141,6 +145,7 @@ class Batcher:
         self.max_delay_s, self.max_queue, self.timeout_s = max_delay_s, max_queue, timeout_s
         self._on_batch = on_batch or (lambda stats: None)
         self._on_drop = on_drop or (lambda reason: None)
+        self._after_batch = after_batch  # in the worker, once a batch's clips are answered
         self._queue: deque[Ticket] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -277,6 +282,11 @@ class Batcher:
             if inflight is not None:
                 self._guarded(self._finish, inflight)
                 self._release()
+            if self._after_batch is not None and (batch or inflight is not None):
+                try:
+                    self._after_batch()
+                except Exception:  # housekeeping must never stop the worker
+                    log.exception("batcher %s: after-batch hook failed", self.name)
             inflight = launched
 
     def _release(self) -> None:

@@ -33,7 +33,6 @@ import torch
 from app.preprocess import InputLimits
 from models import Checkpoint, CheckpointError, load_checkpoint
 from models.encoders import fold_batchnorm
-from models.system import PeriodicRelease
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +145,6 @@ class ModelRuntime:
     cuda_graphs: bool = False
     compiled: bool = False  # the CNN runs through torch.compile (compiled at warm-up)
     threads: CpuThreads | None = None  # the intra-op threads its CPU forward passes share with others
-    release: PeriodicRelease | None = None  # hands free heap memory back now and then, after CPU passes
     # on the CPU: most input pixels (frames x height x width) the encoder takes in one pass; 0: no limit
     pass_pixels: int = PASS_PIXELS
     folded: int = field(default=0, init=False)  # batch norms folded into their convs at load
@@ -211,10 +209,7 @@ class ModelRuntime:
         """Start a batch (same arguments as ``infer``); ``.wait()`` on the result gives its probabilities."""
         if self.device.type != "cuda":
             with self.threads.share() if self.threads is not None else contextlib.nullcontext():
-                answered = Done(self._probs(frames, lengths))
-            if self.release is not None:
-                self.release.tick()
-            return answered
+                return Done(self._probs(frames, lengths))
         pinned = frames.pin_memory()
         with torch.cuda.device(self.device):
             compute = torch.cuda.current_stream(self.device)

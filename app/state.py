@@ -79,6 +79,9 @@ class Service:
         device = pick_device(s.device)
         runtimes = load_runtimes(s.checkpoint, device, s.precision, s.cuda_graphs, s.compile, s.encoder_pass_pixels)
         threads = CpuThreads(torch.get_num_threads())  # one budget for every model's forward passes
+        # one heap for every model: free memory handed back now and then, after answered batches
+        release = PeriodicRelease(s.memory_trim_s if device.type == "cpu" else 0)
+        self.metrics.memory_trims.set_function(partial(getattr, release, "trims"))
         for name, runtime in runtimes.items():
             runtime.threads = threads  # used by CPU forward passes only
             if s.warmup:
@@ -102,6 +105,7 @@ class Service:
                 timeout_s=s.request_timeout_s,
                 on_batch=self.metrics.batch_observer(name),
                 on_drop=self.metrics.drop_observer(name),
+                after_batch=release.tick,
             )
             self.models[name] = ServedModel(runtime, batcher, runtime.limits(s.max_frames, s.max_pixels), tuning)
             self.metrics.model_info.labels(
@@ -112,10 +116,6 @@ class Service:
             raise ValueError(f"default model {s.default_model!r} is not among the loaded {sorted(self.models)}")
         self.default_model = s.default_model or next(iter(self.models))
         release_free_memory()  # warm-up and autotune's largest batches need not stay resident
-        release = PeriodicRelease(s.memory_trim_s)  # from now on, while serving; one heap for every model
-        self.metrics.memory_trims.set_function(partial(getattr, release, "trims"))
-        for served in self.models.values():
-            served.runtime.release = release
         self.decode_pool = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode")
         for served in self.models.values():
             served.batcher.start()

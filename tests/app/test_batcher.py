@@ -218,6 +218,25 @@ def test_a_failure_reported_from_another_thread_reaches_the_waiter() -> None:
     asyncio.run(main())
 
 
+def test_the_after_batch_hook_runs_after_each_batch_and_cannot_stop_the_worker() -> None:
+    async def main() -> None:
+        calls: list[int] = []
+
+        def hook() -> None:
+            calls.append(len(model.batches))  # the batches the model has run by then
+            raise RuntimeError("housekeeping failed")
+
+        model = FakeModel()
+        b, _, _ = make(model, after_batch=hook)
+        await b.submit(clip(1))
+        await until(lambda: calls == [1])
+        assert (await b.submit(clip(2))).probabilities.tolist() == [8.0, 2.0]  # the worker survived the hook
+        await until(lambda: calls == [1, 2])
+        await b.close()
+
+    asyncio.run(main())
+
+
 def test_submit_many_is_all_or_nothing() -> None:
     async def main() -> None:
         model = FakeModel()
