@@ -48,6 +48,12 @@ class Settings(BaseSettings):
         description="forward passes of a model that may run side by side on the CPU, sharing torch's threads; "
         "default: 2 on a CPU with two or more torch threads, 1 on CUDA",
     )
+    share_from: int | None = Field(
+        None,
+        ge=1,
+        description="with INSTANCES above 1, clips that must wait before a second forward pass starts beside "
+        "a busy one; default: a quarter of the batch limit",
+    )
     encoder_pass_pixels: int = Field(
         PASS_PIXELS,
         ge=0,

@@ -96,8 +96,8 @@ class Service:
                 # on CUDA the forward is queued, not waited for: copy the next batch meanwhile
                 launch=runtime.launch if device.type == "cuda" else None,
                 workers=self.instances(device),
-                # a second instance starts beside a busy one once half a batch waits
-                share_from=max(1, size // 2),
+                # a second instance starts beside a busy one once a quarter of a batch waits
+                share_from=s.share_from or max(1, size // 4),
                 max_batch_size=size,
                 max_batch_frames=frames,
                 max_delay_s=s.max_batch_delay_ms / 1000,

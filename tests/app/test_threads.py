@@ -99,6 +99,9 @@ def test_a_default_cpu_server_runs_two_instances_when_torch_has_two_threads(defa
     with live_server(checkpoint=default_ckpt, max_batch_size=2, instances=1, encoder_pass_pixels=0) as url:
         info = httpx.get(f"{url}/models/{ckpt.name}").json()
     assert info["batching"]["instances"] == 1 and info["frames_per_pass"] is None
+    with live_server(checkpoint=default_ckpt, max_batch_size=8, share_from=3) as url:  # set: it wins
+        info = httpx.get(f"{url}/models/{ckpt.name}").json()
+    assert info["batching"]["max_batch_size"] == 8 and info["batching"]["share_from"] == 3
 
 
 def test_frames_per_encoder_pass_slices_on_the_cpu_only() -> None:
