@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from app.batcher import Batcher, BatchStats, Closed, InferenceFailed, Overloaded, TimedOut
+from app.batcher import Batcher, BatchStats, Closed, InferenceFailed, Overloaded, Result, TimedOut
 
 
 class FakeModel:
@@ -57,6 +57,17 @@ def make(model: FakeModel, **kw: object) -> tuple[Batcher, list[BatchStats], lis
     return b, stats, drops
 
 
+async def held(**kw: object) -> tuple[FakeModel, Batcher, list[str], asyncio.Future[Result]]:
+    """A batcher (``make``) whose worker is held inside the model on a clip of 1 frame: what is queued now
+    waits. Returns the model, the batcher, its drops and the held request (``model.gate.set()`` lets it go)."""
+    model = FakeModel()
+    model.gate.clear()
+    b, _, drops = make(model, **kw)
+    running = asyncio.ensure_future(b.submit(clip(1)))
+    await until(lambda: model.entered == 1)
+    return model, b, drops, running
+
+
 def test_a_lone_request_runs_at_once_and_busy_time_gathers_a_batch() -> None:
     async def main() -> None:
         model = FakeModel()
@@ -80,11 +91,7 @@ def test_a_lone_request_runs_at_once_and_busy_time_gathers_a_batch() -> None:
 
 def test_batches_respect_the_clip_and_frame_limits() -> None:
     async def main() -> None:
-        model = FakeModel()
-        model.gate.clear()
-        b, _, _ = make(model, max_batch_size=3, max_batch_frames=10)
-        first = asyncio.ensure_future(b.submit(clip(1)))  # taken alone while the model was idle
-        await until(lambda: model.entered == 1)
+        model, b, _, first = await held(max_batch_size=3, max_batch_frames=10)  # taken alone while the model was idle
         tasks = [asyncio.ensure_future(b.submit(clip(n))) for n in (4, 4, 4, 1, 1, 1, 1, 12)]
         await until(lambda: b.depth == 8)
         model.gate.set()
@@ -98,11 +105,7 @@ def test_batches_respect_the_clip_and_frame_limits() -> None:
 
 def test_a_failing_batch_fails_only_the_clip_that_caused_it() -> None:
     async def main() -> None:
-        model = FakeModel()
-        model.gate.clear()
-        b, _, _ = make(model)
-        blocker = asyncio.ensure_future(b.submit(clip(1)))
-        await until(lambda: model.entered == 1)
+        model, b, _, blocker = await held()
         good1, bad, good2 = (asyncio.ensure_future(b.submit(c)) for c in (clip(2), clip(2, 255), clip(3)))
         await until(lambda: b.depth == 3)
         model.gate.set()
@@ -118,11 +121,7 @@ def test_a_failing_batch_fails_only_the_clip_that_caused_it() -> None:
 
 def test_full_queue_is_refused() -> None:
     async def main() -> None:
-        model = FakeModel()
-        model.gate.clear()
-        b, _, _ = make(model, max_queue=2)
-        running = asyncio.ensure_future(b.submit(clip(1)))
-        await until(lambda: model.entered == 1)  # taken by the worker; the queue is empty again
+        model, b, _, running = await held(max_queue=2)  # taken by the worker; the queue is empty again
         queued = [asyncio.ensure_future(b.submit(clip(1))) for _ in range(2)]
         await until(lambda: b.depth == 2)
         with pytest.raises(Overloaded):
@@ -136,11 +135,7 @@ def test_full_queue_is_refused() -> None:
 
 def test_timed_out_and_cancelled_clips_are_dropped_before_compute() -> None:
     async def main() -> None:
-        model = FakeModel()
-        model.gate.clear()
-        b, _, drops = make(model, timeout_s=0.2)
-        running = asyncio.ensure_future(b.submit(clip(1)))
-        await until(lambda: model.entered == 1)
+        model, b, drops, running = await held(timeout_s=0.2)
         late = asyncio.ensure_future(b.submit(clip(5)))
         gone = asyncio.ensure_future(b.submit(clip(6)))
         await until(lambda: b.depth == 2)
@@ -161,11 +156,7 @@ def test_a_request_of_several_clips_times_out_once_and_leaves_no_unretrieved_err
     async def main() -> None:
         reported: list[dict[str, object]] = []
         asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: reported.append(ctx))
-        model = FakeModel()
-        model.gate.clear()
-        b, _, drops = make(model, timeout_s=0.2)
-        running = asyncio.ensure_future(b.submit(clip(1)))
-        await until(lambda: model.entered == 1)
+        model, b, drops, running = await held(timeout_s=0.2)
         with pytest.raises(TimedOut):  # the deadline's timer fails every clip of the request still queued
             await b.submit_many([clip(2), clip(3), clip(4)])
         model.gate.set()
@@ -182,11 +173,7 @@ def test_a_request_of_several_clips_times_out_once_and_leaves_no_unretrieved_err
 
 def test_a_clip_queued_from_another_thread_times_out_by_its_time_in_the_queue_not_before() -> None:
     async def main() -> None:
-        model = FakeModel()
-        model.gate.clear()
-        b, _, drops = make(model, timeout_s=0.3)
-        running = asyncio.ensure_future(b.submit(clip(1)))
-        await until(lambda: model.entered == 1)  # the worker is busy: what is queued now waits
+        model, b, drops, running = await held(timeout_s=0.3)  # the worker is busy: what is queued now waits
         tickets = b.tickets(1, asyncio.get_running_loop())
         waiting = asyncio.ensure_future(b.wait(tickets))
         await asyncio.sleep(0.45)  # "decoding" for longer than the timeout: not time in the queue
@@ -239,11 +226,7 @@ def test_the_after_batch_hook_runs_after_each_batch_and_cannot_stop_the_worker()
 
 def test_submit_many_is_all_or_nothing() -> None:
     async def main() -> None:
-        model = FakeModel()
-        model.gate.clear()
-        b, _, _ = make(model, max_queue=4)
-        running = asyncio.ensure_future(b.submit(clip(1)))
-        await until(lambda: model.entered == 1)
+        model, b, _, running = await held(max_queue=4)
         with pytest.raises(Overloaded):
             await b.submit_many([clip(1)] * 5)
         assert b.depth == 0  # nothing of the refused request was queued
