@@ -22,6 +22,10 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
+    def __reduce__(self) -> tuple[type[ApiError], tuple[int, str, str, dict[str, str]]]:
+        # raised in a decode process (DECODE_PROCESSES) and pickled back to the server whole
+        return type(self), (self.status, self.code, self.message, self.headers)
+
 
 def bad_input(message: str) -> ApiError:
     return ApiError(400, "bad_input", message)

@@ -55,6 +55,11 @@ class Metrics:
             "times free heap memory was handed back while serving (MEMORY_TRIM_S)",
             registry=r,
         )
+        self.decoder_restarts = Gauge(
+            "fusionserve_decoder_restarts",
+            "times the decode processes were replaced after one died (DECODE_PROCESSES)",
+            registry=r,
+        )
 
     def batch_observer(self, model: str) -> Callable[[BatchStats], None]:
         size, frames = self.batch_size.labels(model), self.batch_frames.labels(model)

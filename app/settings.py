@@ -61,6 +61,13 @@ class Settings(BaseSettings):
         "so that a large batch needs the activation memory of one slice; 0: the whole batch at once",
     )
     decode_workers: int = Field(2, ge=1, description="threads that decode images and videos")
+    decode_processes: int | None = Field(
+        None,
+        ge=0,
+        description="processes that decode /predict's images and videos instead of the decode threads; "
+        "default: on CUDA half the CPU cores up to 8 (one process's interpreter cannot feed a GPU), "
+        "on the CPU 0 (decode on threads in the server's process)",
+    )
     memory_trim_s: float = Field(
         10.0,
         ge=0,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -14,9 +15,11 @@ from typing import Any, TypeVar
 
 import torch
 
+from app.api.common import decode_and_queue
 from app.autotune import MAX_SIZE as AUTOTUNE_MAX
 from app.autotune import choose_batch_limits
-from app.batcher import Batcher
+from app.batcher import Batcher, Ticket
+from app.decoders import ProcessDecoders, array_to_clip
 from app.errors import not_found, not_ready
 from app.metrics import Metrics
 from app.preprocess import InputLimits
@@ -43,6 +46,7 @@ class Service:
     models: dict[str, ServedModel] = field(default_factory=dict)
     default_model: str = ""
     decode_pool: ThreadPoolExecutor | None = None
+    decoders: ProcessDecoders | None = None  # DECODE_PROCESSES > 0
     ready: bool = False
     draining: bool = False
 
@@ -70,6 +74,21 @@ class Service:
             self.decode_pool.submit(fn, *args)
         except RuntimeError as exc:  # the pool is shut down: the server is stopping
             raise not_ready("the server is shutting down") from exc
+
+    def decode_and_queue(self, batcher: Batcher, tickets: list[Ticket], decode: Any, *args: Any) -> None:
+        """Start decoding one clip, ``decode(*args)``, which queues itself under ``tickets`` when done (or
+        answers them with its failure): on a decode thread, or in a decode process when there are some."""
+        if self.decoders is None:
+            self.start_in_pool(decode_and_queue, batcher, tickets, decode, *args)
+            return
+
+        def queue(array: Any, exc: BaseException | None) -> None:  # on a thread of the process pool
+            if exc is None:
+                decode_and_queue(batcher, tickets, array_to_clip, array)
+            else:
+                batcher.fail(tickets, exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+
+        self.decoders.submit(queue, decode, *args)
 
     def load(self) -> None:
         """Load every checkpoint, warm it up, and start its batcher (blocking; call in a thread)."""
@@ -117,6 +136,11 @@ class Service:
         self.default_model = s.default_model or next(iter(self.models))
         release_free_memory()  # warm-up and autotune's largest batches need not stay resident
         self.decode_pool = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode")
+        processes = self.decode_processes(device)
+        if processes:
+            self.decoders = ProcessDecoders(processes)
+            log.info("decoding in %d processes: %s", processes, self.decoders.start())
+            self.metrics.decoder_restarts.set_function(partial(getattr, self.decoders, "restarts"))
         for served in self.models.values():
             served.batcher.start()
 
@@ -132,6 +156,15 @@ class Service:
         if asked is None:
             return 2 if torch.get_num_threads() >= 2 else 1
         return asked
+
+    def decode_processes(self, device: torch.device) -> int:
+        """DECODE_PROCESSES, or by default: on CUDA half the cores up to 8, where decoding on threads
+        held one H200 server near 170 clips/s and 8 processes reached 3.4-3.7x that; on the CPU none,
+        where the model needs the cores (docs/PERFORMANCE.md)."""
+        if self.settings.decode_processes is not None:
+            return self.settings.decode_processes
+        cores = os.cpu_count() or 1
+        return min(8, cores // 2) if device.type == "cuda" and cores >= 4 else 0
 
     def batch_limits(self, runtime: ModelRuntime) -> tuple[int, int, dict[str, Any] | None]:
         """(clips, frames, tuning report): measured at warm-up unless MAX_BATCH_SIZE was set explicitly.
@@ -162,3 +195,5 @@ class Service:
         await asyncio.gather(*(m.batcher.close() for m in self.models.values()))
         if self.decode_pool is not None:
             self.decode_pool.shutdown(wait=True)
+        if self.decoders is not None:
+            self.decoders.shutdown()

@@ -14,7 +14,7 @@ import torch
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
-from app.api.common import ClientGone, answers, decode_and_queue
+from app.api.common import ClientGone, answers
 from app.batcher import Ticket
 from app.deps import ServiceDep, require_api_key
 from app.errors import bad_input, unsupported, wrong_shape
@@ -99,12 +99,12 @@ def decode_form(body: bytes, content_type: str, limits: InputLimits, frames: int
 async def read_and_queue(
     request: Request, service: Service, served: ServedModel, tickets: list[Ticket], frames: int | None
 ) -> None:
-    """Read the request body, whatever its form, and start a decode thread on it: the thread
-    decodes one clip (T, C, H, W) uint8 at the model's size and queues it under ``tickets``."""
+    """Read the request body, whatever its form, and start decoding it on a decode thread (or in a
+    decode process): one clip (T, C, H, W) uint8 at the model's size, queued under ``tickets``."""
     limits = served.limits
 
     def queue(decode: Callable[..., torch.Tensor], *args: Any) -> None:
-        service.start_in_pool(decode_and_queue, served.batcher, tickets, decode, *args)
+        service.decode_and_queue(served.batcher, tickets, decode, *args)
 
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":  # split into parts on the decode thread too
