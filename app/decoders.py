@@ -6,7 +6,8 @@ around Pillow's C code, so one process tops out near 170-180 clips/s however man
 and however fast the GPU (docs/PERFORMANCE.md, GPU section). Here the body goes to a
 process of a ``spawn`` pool, which splits the form, decodes and resizes the frames and
 sends back one uint8 array (T, H, W, C); the server's process only wraps it in a tensor
-and queues it, so every clip still meets one batcher.
+and queues it, so every clip still meets one batcher. The decoders live in ``app.decode``,
+which imports no torch: a decode process holds about a third of the server's memory.
 
 A decode process that dies (killed, out of memory, a crash in a codec) breaks the pool:
 the pool is replaced and each job it held is tried once more in the new one; one that
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -25,28 +25,13 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
-import torch
 
+from app.decode import process_id
 from app.errors import ApiError, not_ready
 
 log = logging.getLogger(__name__)
 
 Done = Callable[[np.ndarray | None, BaseException | None], None]
-
-
-def decode_to_array(decode: Callable[..., torch.Tensor], *args: Any) -> np.ndarray:
-    """In a decode process: run ``decode`` (a clip (T, C, H, W) uint8) and return its pixels as
-    (T, H, W, C), the layout the decoders build, without a copy (a numpy array pickles as bytes)."""
-    return decode(*args).permute(0, 2, 3, 1).numpy()
-
-
-def array_to_clip(array: np.ndarray) -> torch.Tensor:
-    """Back in the server: (T, H, W, C) -> the clip (T, C, H, W), channels-last as the decoders give it."""
-    return torch.from_numpy(array).permute(0, 3, 1, 2)
-
-
-def _pid(_: int) -> int:
-    return os.getpid()
 
 
 class ProcessDecoders:
@@ -66,17 +51,17 @@ class ProcessDecoders:
     def start(self) -> list[int]:
         """Start every process now (each imports the server's modules), not on the first requests;
         returns their pids."""
-        return sorted(set(self._pool.map(_pid, range(self.processes * 4))))
+        return sorted(set(self._pool.map(process_id, range(self.processes * 4))))
 
-    def submit(self, done: Done, decode: Callable[..., torch.Tensor], *args: Any, retry: bool = True) -> None:
+    def submit(self, done: Done, decode: Callable[..., np.ndarray], *args: Any, retry: bool = True) -> None:
         """Decode in a process; ``done(array, None)`` or ``done(None, exc)`` is called on one of the
         pool's threads in this process."""
         pool = self._pool
         try:
-            future = pool.submit(decode_to_array, decode, *args)
+            future = pool.submit(decode, *args)
         except BrokenProcessPool:  # a process died since the last job: this one goes to a new pool
             pool = self._replace(pool)
-            future = pool.submit(decode_to_array, decode, *args)
+            future = pool.submit(decode, *args)
         except RuntimeError as exc:  # shut down: the server is stopping
             raise not_ready("the server is shutting down") from exc
         future.add_done_callback(lambda f: self._finished(f, pool, done, decode, args, retry))

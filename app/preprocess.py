@@ -1,137 +1,60 @@
-"""Decoding and resizing: encoded images or a video -> one clip, uint8 (T, C, H, W).
+"""Decoded pixels as tensors: one clip (T, C, H, W) uint8, channels-last in memory.
 
-These functions are synchronous and CPU-bound; the routes run them in a thread pool
-so the event loop never waits on them. Every failure is an ``ApiError`` with a
-4xx status that says which frame and why.
+``app.decode`` turns uploads into arrays (T, H, W, C) without torch; these wrap them
+for the batcher, and resize KServe tensors that arrive already decoded.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-import itertools
-from dataclasses import dataclass
-
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from app.errors import ApiError, bad_input, too_large, wrong_shape
+from app.decode import (
+    IMAGE_FORMATS,
+    InputLimits,
+    base64_frames,
+    check_count,
+    decode_image,
+    image_frames,
+    sample_positions,
+    video_frames,
+)
 
-IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "BMP"}
+__all__ = [
+    "IMAGE_FORMATS",
+    "InputLimits",
+    "array_to_clip",
+    "check_count",
+    "decode_base64_images",
+    "decode_image",
+    "decode_images",
+    "decode_video",
+    "frames_to_clip",
+    "sample_positions",
+    "tensor_to_clips",
+]
 
 
-@dataclass(frozen=True)
-class InputLimits:
-    height: int
-    width: int
-    channels: int
-    frames: int  # the model's training clip length: default for sampling videos
-    max_frames: int
-    max_pixels: int
-
-
-def check_count(count: int, limits: InputLimits, what: str = "frames") -> None:
-    if count == 0:
-        raise wrong_shape(f"no {what}: send at least one frame")
-    if count > limits.max_frames:
-        raise wrong_shape(f"{count} {what} is more than the limit of {limits.max_frames}")
-
-
-def decode_image(data: bytes, limits: InputLimits, index: int) -> np.ndarray:
-    """One encoded image -> uint8 (H, W, C) at the model's size."""
-    if not data:
-        raise bad_input(f"frame {index} is empty")
-    try:  # the explicit pixel check guards against decompression bombs before any pixel is decoded
-        opened = Image.open(io.BytesIO(data))
-        if opened.format not in IMAGE_FORMATS:
-            raise bad_input(f"frame {index} is {opened.format}; send JPEG, PNG, WebP or BMP")
-        w, h = opened.size
-        if w * h > limits.max_pixels:
-            raise too_large(f"frame {index} is {w}x{h}, more than {limits.max_pixels} pixels")
-        mode = "RGB" if limits.channels == 3 else "L"
-        opened.draft(mode, (limits.width, limits.height))  # JPEG: decode at a reduced scale
-        img = opened.convert(mode)
-        if img.size != (limits.width, limits.height):
-            img = img.resize((limits.width, limits.height), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
-    except ApiError:
-        raise
-    except Image.DecompressionBombError as exc:  # Pillow's own guard, past twice its pixel limit
-        raise too_large(f"frame {index} is a decompression bomb ({exc})") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise bad_input(f"frame {index} is not a decodable image ({exc})") from exc
-    return arr[..., None] if arr.ndim == 2 else arr
+def array_to_clip(array: np.ndarray) -> torch.Tensor:
+    """(T, H, W, C) uint8 -> (T, C, H, W), channels-last strides, no copy."""
+    return torch.from_numpy(array).permute(0, 3, 1, 2)
 
 
 def frames_to_clip(frames: list[np.ndarray]) -> torch.Tensor:
     """[(H, W, C) uint8] -> (T, C, H, W) uint8, channels-last in memory (no copy of pixels twice)."""
-    stacked = np.stack(frames)  # (T, H, W, C)
-    return torch.from_numpy(stacked).permute(0, 3, 1, 2)  # (T, C, H, W), channels-last strides
+    return array_to_clip(np.stack(frames))
 
 
 def decode_images(blobs: list[bytes], limits: InputLimits) -> torch.Tensor:
-    check_count(len(blobs), limits)
-    return frames_to_clip([decode_image(b, limits, i) for i, b in enumerate(blobs)])
+    return array_to_clip(image_frames(blobs, limits))
 
 
 def decode_base64_images(items: list[object], limits: InputLimits) -> torch.Tensor:
-    check_count(len(items), limits)
-    blobs = []
-    for i, item in enumerate(items):
-        if not isinstance(item, str):
-            raise bad_input(f"frame {i} must be a base64 string")
-        if item.startswith("data:") and "," in item:  # data URL
-            item = item.split(",", 1)[1]
-        try:
-            blobs.append(base64.b64decode(item, validate=True))
-        except (binascii.Error, ValueError) as exc:
-            raise bad_input(f"frame {i} is not valid base64 ({exc})") from exc
-    return decode_images(blobs, limits)
-
-
-def sample_positions(total: int, wanted: int) -> list[int]:
-    """``wanted`` frame positions spread evenly over ``total`` frames (segment centres)."""
-    if total <= wanted:
-        return list(range(total))
-    edges = np.linspace(0, total, wanted + 1)
-    return [min(total - 1, int((a + b) / 2)) for a, b in itertools.pairwise(edges)]
+    return array_to_clip(base64_frames(items, limits))
 
 
 def decode_video(data: bytes, limits: InputLimits, frames: int | None = None) -> torch.Tensor:
-    """An encoded video -> (T, C, H, W) uint8, T = ``frames`` (default: the model's) sampled evenly."""
-    try:
-        import av
-    except ImportError as exc:  # the `video` extra is not installed
-        raise ApiError(
-            415, "unsupported_media_type", "video input needs PyAV (pip install fusionserve[video])"
-        ) from exc
-    wanted = frames or limits.frames
-    check_count(wanted, limits)
-    fmt = "rgb24" if limits.channels == 3 else "gray"
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            if not container.streams.video:
-                raise bad_input("the video part has no video stream")
-            stream = container.streams.video[0]
-            w, h = stream.codec_context.width, stream.codec_context.height
-            if w * h > limits.max_pixels:
-                raise too_large(f"video frames are {w}x{h}, more than {limits.max_pixels} pixels")
-            stream.thread_type = "AUTO"
-            decoded = []
-            for frame in container.decode(stream):
-                decoded.append(frame.reformat(width=limits.width, height=limits.height, format=fmt).to_ndarray())
-                if len(decoded) > 10_000:
-                    raise too_large("the video has more than 10000 frames")
-    except ApiError:
-        raise
-    except (av.error.FFmpegError, OSError, ValueError, IndexError) as exc:
-        raise bad_input(f"the video could not be decoded ({exc})") from exc
-    if not decoded:
-        raise bad_input("the video has no decodable frames")
-    picked = [decoded[i] for i in sample_positions(len(decoded), wanted)]
-    return frames_to_clip([f[..., None] if f.ndim == 2 else f for f in picked])
+    return array_to_clip(video_frames(data, limits, frames))
 
 
 def tensor_to_clips(array: np.ndarray, limits: InputLimits) -> list[torch.Tensor]:

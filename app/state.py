@@ -19,7 +19,7 @@ from app.api.common import decode_and_queue
 from app.autotune import MAX_SIZE as AUTOTUNE_MAX
 from app.autotune import choose_batch_limits
 from app.batcher import Batcher, Ticket
-from app.decoders import ProcessDecoders, array_to_clip
+from app.decoders import ProcessDecoders
 from app.errors import not_found, not_ready
 from app.metrics import Metrics
 from app.preprocess import InputLimits
@@ -76,15 +76,16 @@ class Service:
             raise not_ready("the server is shutting down") from exc
 
     def decode_and_queue(self, batcher: Batcher, tickets: list[Ticket], decode: Any, *args: Any) -> None:
-        """Start decoding one clip, ``decode(*args)``, which queues itself under ``tickets`` when done (or
-        answers them with its failure): on a decode thread, or in a decode process when there are some."""
+        """Start decoding one clip, ``decode(*args)`` (``app.decode``: pixels (T, H, W, C)), which is queued
+        under ``tickets`` when done (or answers them with its failure): on a decode thread, or in a decode
+        process when there are some."""
         if self.decoders is None:
             self.start_in_pool(decode_and_queue, batcher, tickets, decode, *args)
             return
 
         def queue(array: Any, exc: BaseException | None) -> None:  # on a thread of the process pool
             if exc is None:
-                decode_and_queue(batcher, tickets, array_to_clip, array)
+                decode_and_queue(batcher, tickets, lambda: array)
             else:
                 batcher.fail(tickets, exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
 

@@ -7,11 +7,13 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from fastapi import Request
 
 from app.batcher import Batcher, Closed, InferenceFailed, Overloaded, Result, Ticket, TimedOut
 from app.errors import ApiError, not_ready, overloaded, timed_out
+from app.preprocess import array_to_clip
 
 
 class ClientGone(Exception):
@@ -25,11 +27,11 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-def decode_and_queue(batcher: Batcher, tickets: list[Ticket], decode: Callable[..., torch.Tensor], *args: Any) -> None:
-    """On a decode thread: decode one clip and queue it under ``tickets`` at once; a failure
-    (undecodable input, a full queue) answers the tickets instead."""
+def decode_and_queue(batcher: Batcher, tickets: list[Ticket], decode: Callable[..., np.ndarray], *args: Any) -> None:
+    """On a decode thread: decode one clip (``app.decode``: pixels (T, H, W, C)) and queue it under
+    ``tickets`` at once; a failure (undecodable input, a full queue) answers the tickets instead."""
     try:
-        batcher.enqueue(tickets, [decode(*args)])
+        batcher.enqueue(tickets, [array_to_clip(decode(*args))])
     except Exception as exc:
         batcher.fail(tickets, exc)
 

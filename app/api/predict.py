@@ -10,16 +10,15 @@ import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
-import torch
+import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from app.api.common import ClientGone, answers
 from app.batcher import Ticket
+from app.decode import base64_frames, form_frames, video_frames
 from app.deps import ServiceDep, require_api_key
-from app.errors import bad_input, unsupported, wrong_shape
-from app.multipart import parse_form
-from app.preprocess import InputLimits, decode_base64_images, decode_images, decode_video
+from app.errors import bad_input, unsupported
 from app.schemas import ErrorBody, ModelInfo, ModelList, Prediction, Timing, TopK
 from app.state import ServedModel, Service
 
@@ -77,25 +76,6 @@ TopKQuery = Annotated[int, Query(ge=1, le=1000, description="how many labels to 
 FramesQuery = Annotated[int | None, Query(ge=1, description="frames to sample from a video (default: the model's)")]
 
 
-def decode_form(body: bytes, content_type: str, limits: InputLimits, frames: int | None) -> torch.Tensor:
-    """A multipart body -> one clip: its 'frames' file parts in order, or one 'video' part."""
-    parts = parse_form(body, content_type, max_files=limits.max_frames)
-    images = [p for p in parts if p.name == "frames"]
-    videos = [p for p in parts if p.name == "video"]
-    if images and videos:
-        raise bad_input("send either 'frames' parts or one 'video' part, not both")
-    if len(videos) > 1:
-        raise wrong_shape("send one 'video' part per request")
-    if videos:
-        if videos[0].filename is None:
-            raise bad_input("the 'video' part must be a file")
-        return decode_video(videos[0].data, limits, frames)
-    for i, part in enumerate(images):
-        if part.filename is None:
-            raise bad_input(f"frame {i} must be a file part")
-    return decode_images([p.data for p in images], limits)
-
-
 async def read_and_queue(
     request: Request, service: Service, served: ServedModel, tickets: list[Ticket], frames: int | None
 ) -> None:
@@ -103,12 +83,12 @@ async def read_and_queue(
     decode process): one clip (T, C, H, W) uint8 at the model's size, queued under ``tickets``."""
     limits = served.limits
 
-    def queue(decode: Callable[..., torch.Tensor], *args: Any) -> None:
+    def queue(decode: Callable[..., np.ndarray], *args: Any) -> None:
         service.decode_and_queue(served.batcher, tickets, decode, *args)
 
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":  # split into parts on the decode thread too
-        queue(decode_form, await request.body(), request.headers["content-type"], limits, frames)
+        queue(form_frames, await request.body(), request.headers["content-type"], limits, frames)
         return
     if content_type == "application/json":
         try:
@@ -122,11 +102,11 @@ async def read_and_queue(
                 data = base64.b64decode(str(body["video"]), validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise bad_input(f"video is not valid base64 ({exc})") from exc
-            queue(decode_video, data, limits, frames)
+            queue(video_frames, data, limits, frames)
             return
         if not isinstance(body["frames"], list):
             raise bad_input('"frames" must be a list of base64 strings')
-        queue(decode_base64_images, body["frames"], limits)
+        queue(base64_frames, body["frames"], limits)
         return
     raise unsupported(
         f"content type {content_type or 'none'!r} is not supported; "

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from app.decode import image_frames
 from app.decoders import ProcessDecoders
 from app.errors import ApiError, bad_input
 from app.preprocess import InputLimits, decode_images, decode_video
@@ -30,19 +31,19 @@ def test_api_errors_survive_pickling_whole() -> None:
     assert (err.status, err.code, err.message, err.headers) == (503, "overloaded", "busy", {"Retry-After": "1"})
 
 
-def crash_once(marker: str, blobs: list[bytes], limits: InputLimits) -> torch.Tensor:
+def crash_once(marker: str, blobs: list[bytes], limits: InputLimits) -> np.ndarray:
     """In a decode process: die the first time (``marker`` does not exist yet), decode after that."""
     if not os.path.exists(marker):
         Path(marker).touch()
         os._exit(1)
-    return decode_images(blobs, limits)
+    return image_frames(blobs, limits)
 
 
-def crash_always(blobs: list[bytes], limits: InputLimits) -> torch.Tensor:
+def crash_always(blobs: list[bytes], limits: InputLimits) -> np.ndarray:
     os._exit(1)
 
 
-def raise_bad_input(blobs: list[bytes], limits: InputLimits) -> torch.Tensor:
+def raise_bad_input(blobs: list[bytes], limits: InputLimits) -> np.ndarray:
     raise bad_input("frame 0 is not a decodable image (planted)")
 
 
@@ -82,7 +83,7 @@ def test_a_process_that_dies_mid_job_is_replaced_and_the_job_decoded_again(
     done = Outcomes(3)
     decoders.submit(done, crash_once, str(tmp_path / "crashed"), blobs, LIMITS)
     for _ in range(2):  # jobs beside it in the same pool: retried in the new one too, if they were caught
-        decoders.submit(done, decode_images, blobs, LIMITS)
+        decoders.submit(done, image_frames, blobs, LIMITS)
     for array, exc in done.wait():
         assert exc is None, exc
         assert array is not None and array.shape == (6, 32, 32, 3)
@@ -101,7 +102,7 @@ def test_a_job_that_kills_every_process_is_answered_503_and_the_pool_goes_on(dec
     assert exc.status == 503 and exc.code == "decoder_failed" and exc.headers == {"Retry-After": "1"}
     assert decoders.restarts >= restarts + 1
     after = Outcomes(2)
-    decoders.submit(after, decode_images, blobs, LIMITS)
+    decoders.submit(after, image_frames, blobs, LIMITS)
     decoders.submit(after, raise_bad_input, blobs, LIMITS)  # a decode error crosses back as itself
     results = after.wait()
     assert any(a is not None and a.shape == (4, 32, 32, 3) for a, _ in results)
@@ -122,6 +123,9 @@ def test_server_decodes_in_processes_and_survives_a_killed_one(default_ckpt: Pat
     with spawn_server("--checkpoint", str(default_ckpt), "--decode-processes", "2") as (proc, url):
         pids = decode_process_pids(proc.pid)
         assert len(pids) == 2, pids
+        # the decoders import no torch: a decode process stays small
+        assert not any("libtorch" in Path(f"/proc/{p}/maps").read_text() for p in pids)
+        assert "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text()
         clip = synth_clip("left", frames=12, seed=1)
         blobs = [encode(f, "JPEG", quality=95) for f in clip]
         r = httpx.post(f"{url}/predict", files=multipart_frames(blobs), timeout=30)

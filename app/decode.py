@@ -1,0 +1,156 @@
+"""Decoding and resizing: an upload (multipart form, base64 frames, a video) -> one clip's
+pixels, a uint8 array (T, H, W, C) at the model's size.
+
+These functions are synchronous and CPU-bound; the server runs them on its decode threads
+or in its decode processes (``DECODE_PROCESSES``, ``app.decoders``), so this module
+imports no torch: a decode process stays small (``app.preprocess`` makes tensors of the
+arrays). Every failure is an ``ApiError`` with a 4xx status that says which frame and why.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import itertools
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from app.errors import ApiError, bad_input, too_large, wrong_shape
+from app.multipart import parse_form
+
+IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "BMP"}
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    height: int
+    width: int
+    channels: int
+    frames: int  # the model's training clip length: default for sampling videos
+    max_frames: int
+    max_pixels: int
+
+
+def check_count(count: int, limits: InputLimits, what: str = "frames") -> None:
+    if count == 0:
+        raise wrong_shape(f"no {what}: send at least one frame")
+    if count > limits.max_frames:
+        raise wrong_shape(f"{count} {what} is more than the limit of {limits.max_frames}")
+
+
+def decode_image(data: bytes, limits: InputLimits, index: int) -> np.ndarray:
+    """One encoded image -> uint8 (H, W, C) at the model's size."""
+    if not data:
+        raise bad_input(f"frame {index} is empty")
+    try:  # the explicit pixel check guards against decompression bombs before any pixel is decoded
+        opened = Image.open(io.BytesIO(data))
+        if opened.format not in IMAGE_FORMATS:
+            raise bad_input(f"frame {index} is {opened.format}; send JPEG, PNG, WebP or BMP")
+        w, h = opened.size
+        if w * h > limits.max_pixels:
+            raise too_large(f"frame {index} is {w}x{h}, more than {limits.max_pixels} pixels")
+        mode = "RGB" if limits.channels == 3 else "L"
+        opened.draft(mode, (limits.width, limits.height))  # JPEG: decode at a reduced scale
+        img = opened.convert(mode)
+        if img.size != (limits.width, limits.height):
+            img = img.resize((limits.width, limits.height), Image.Resampling.BILINEAR)
+        arr = np.asarray(img, dtype=np.uint8)
+    except ApiError:
+        raise
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, past twice its pixel limit
+        raise too_large(f"frame {index} is a decompression bomb ({exc})") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise bad_input(f"frame {index} is not a decodable image ({exc})") from exc
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def image_frames(blobs: list[bytes], limits: InputLimits) -> np.ndarray:
+    """Encoded images, in order -> (T, H, W, C) uint8."""
+    check_count(len(blobs), limits)
+    return np.stack([decode_image(b, limits, i) for i, b in enumerate(blobs)])
+
+
+def base64_frames(items: list[object], limits: InputLimits) -> np.ndarray:
+    check_count(len(items), limits)
+    blobs = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise bad_input(f"frame {i} must be a base64 string")
+        if item.startswith("data:") and "," in item:  # data URL
+            item = item.split(",", 1)[1]
+        try:
+            blobs.append(base64.b64decode(item, validate=True))
+        except (binascii.Error, ValueError) as exc:
+            raise bad_input(f"frame {i} is not valid base64 ({exc})") from exc
+    return image_frames(blobs, limits)
+
+
+def sample_positions(total: int, wanted: int) -> list[int]:
+    """``wanted`` frame positions spread evenly over ``total`` frames (segment centres)."""
+    if total <= wanted:
+        return list(range(total))
+    edges = np.linspace(0, total, wanted + 1)
+    return [min(total - 1, int((a + b) / 2)) for a, b in itertools.pairwise(edges)]
+
+
+def video_frames(data: bytes, limits: InputLimits, frames: int | None = None) -> np.ndarray:
+    """An encoded video -> (T, H, W, C) uint8, T = ``frames`` (default: the model's) sampled evenly."""
+    try:
+        import av
+    except ImportError as exc:  # the `video` extra is not installed
+        raise ApiError(
+            415, "unsupported_media_type", "video input needs PyAV (pip install fusionserve[video])"
+        ) from exc
+    wanted = frames or limits.frames
+    check_count(wanted, limits)
+    fmt = "rgb24" if limits.channels == 3 else "gray"
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                raise bad_input("the video part has no video stream")
+            stream = container.streams.video[0]
+            w, h = stream.codec_context.width, stream.codec_context.height
+            if w * h > limits.max_pixels:
+                raise too_large(f"video frames are {w}x{h}, more than {limits.max_pixels} pixels")
+            stream.thread_type = "AUTO"
+            decoded = []
+            for frame in container.decode(stream):
+                decoded.append(frame.reformat(width=limits.width, height=limits.height, format=fmt).to_ndarray())
+                if len(decoded) > 10_000:
+                    raise too_large("the video has more than 10000 frames")
+    except ApiError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError, IndexError) as exc:
+        raise bad_input(f"the video could not be decoded ({exc})") from exc
+    if not decoded:
+        raise bad_input("the video has no decodable frames")
+    picked = [decoded[i] for i in sample_positions(len(decoded), wanted)]
+    return np.stack([f[..., None] if f.ndim == 2 else f for f in picked])
+
+
+def form_frames(body: bytes, content_type: str, limits: InputLimits, frames: int | None) -> np.ndarray:
+    """A multipart body -> one clip: its 'frames' file parts in order, or one 'video' part."""
+    parts = parse_form(body, content_type, max_files=limits.max_frames)
+    images = [p for p in parts if p.name == "frames"]
+    videos = [p for p in parts if p.name == "video"]
+    if images and videos:
+        raise bad_input("send either 'frames' parts or one 'video' part, not both")
+    if len(videos) > 1:
+        raise wrong_shape("send one 'video' part per request")
+    if videos:
+        if videos[0].filename is None:
+            raise bad_input("the 'video' part must be a file")
+        return video_frames(videos[0].data, limits, frames)
+    for i, part in enumerate(images):
+        if part.filename is None:
+            raise bad_input(f"frame {i} must be a file part")
+    return image_frames([p.data for p in images], limits)
+
+
+def process_id(_: object = None) -> int:
+    """In a decode process: its pid (the pool starts every process with it)."""
+    return os.getpid()
