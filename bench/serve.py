@@ -3,8 +3,8 @@
 For each closed-loop concurrency, then each open-loop rate, the client (bench/loadgen.py)
 reports clips/s and latency percentiles; /metrics before and after the level gives the
 server's own split (mean queue wait, decode time, inference time per batch, batch size)
-and /proc/<pid>/status the server's RSS while it ran. ``--rss-soak`` adds one long
-closed-loop run that samples RSS every second, to spot growth.
+and /proc/<pid>/status the server's RSS while it ran (its decode processes included).
+``--rss-soak`` adds one long closed-loop run that samples RSS every second, to spot growth.
 """
 
 from __future__ import annotations
@@ -159,24 +159,46 @@ def running(*servers: ServerProcess) -> Iterator[None]:
             server.stop()
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the server's decode processes), from /proc; [pid] without it."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        try:
+            for task in Path(f"/proc/{pids[i]}/task").iterdir():
+                pids += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+        i += 1
+    return pids
+
+
 def rss_mb(pid: int) -> float | None:
-    """VmRSS of ``pid`` in MiB, None when unreadable (process gone, no /proc)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError):
-        pass
-    return None
+    """VmRSS of ``pid`` and its child processes (decode processes) together in MiB, None when the
+    server's own is unreadable (process gone, no /proc). Pages shared between them count in each."""
+    total = None
+    for one in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{one}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total = (total or 0.0) + int(line.split()[1]) / 1024.0
+        except (OSError, ValueError):
+            if one == pid:
+                return None
+    return total
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of ``pid`` (all its threads) in seconds, None when unreadable."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-    except (OSError, ValueError, IndexError):
-        return None
+    """User + system CPU time of ``pid`` (all its threads) and its child processes in seconds, None when
+    the server's own is unreadable."""
+    total = 0.0
+    for one in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        except (OSError, ValueError, IndexError):
+            if one == pid:
+                return None
+    return total
 
 
 class RssSampler:

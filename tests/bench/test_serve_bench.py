@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from bench import wrk
-from bench.serve import HISTOGRAMS, parse_env, server_split
+from bench.serve import HISTOGRAMS, cpu_seconds, parse_env, process_tree, rss_mb, server_split
 from models import default_checkpoint
 
 TINY = ["--duration", "1", "--warmup", "0.5", "--clips", "2"]
@@ -179,3 +179,27 @@ def test_wrk_report_becomes_a_level_result() -> None:
     assert summary["errors"] == {"400": 1, "503": 2, "wrk-read-error": 1}
     assert summary["requests"] == 13 and summary["ok"] == 9
     assert summary["clips_per_s"] == 4.5 and summary["p50_ms"] == 1.5 and summary["p99_ms"] == 9.0
+
+
+def test_rss_and_cpu_count_the_servers_child_processes() -> None:
+    # a parent holding 200 MB whose child holds 100 MB, as a server and its decode processes
+    child = "import time; b = bytearray(100 << 20); print('up', flush=True); time.sleep(60)"
+    parent = (
+        "import subprocess, sys, time; b = bytearray(200 << 20); "
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE, text=True); "
+        "p.stdout.readline(); print('up', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+        tree = process_tree(proc.pid)
+        assert len(tree) == 2 and tree[0] == proc.pid
+        alone = int(Path(f"/proc/{proc.pid}/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+        total = rss_mb(proc.pid)
+        assert total is not None and 200 <= alone < 280 and total >= alone + 100
+        assert (cpu_seconds(proc.pid) or 0) > 0  # the two interpreters started and filled their memory
+    finally:
+        for pid in reversed(process_tree(proc.pid)):
+            subprocess.run(["kill", str(pid)], check=False)
+        proc.wait(timeout=10)
+    assert rss_mb(proc.pid) is None and cpu_seconds(proc.pid) is None
