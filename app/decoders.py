@@ -49,8 +49,8 @@ class ProcessDecoders:
         return ProcessPoolExecutor(self.processes, mp_context=self._context)
 
     def start(self) -> list[int]:
-        """Start every process now (each imports the server's modules), not on the first requests;
-        returns their pids."""
+        """Start every process now (each imports ``app.decode``), not on the first requests; returns
+        their pids."""
         return sorted(set(self._pool.map(process_id, range(self.processes * 4))))
 
     def submit(self, done: Done, decode: Callable[..., np.ndarray], *args: Any, retry: bool = True) -> None:
@@ -58,11 +58,12 @@ class ProcessDecoders:
         pool's threads in this process."""
         pool = self._pool
         try:
-            future = pool.submit(decode, *args)
-        except BrokenProcessPool:  # a process died since the last job: this one goes to a new pool
-            pool = self._replace(pool)
-            future = pool.submit(decode, *args)
-        except RuntimeError as exc:  # shut down: the server is stopping
+            try:
+                future = pool.submit(decode, *args)
+            except BrokenProcessPool:  # a process died since the last job: this one goes to a new pool
+                pool = self._replace(pool)
+                future = pool.submit(decode, *args)
+        except RuntimeError as exc:  # shut down (BrokenProcessPool too, once closing): the server is stopping
             raise not_ready("the server is shutting down") from exc
         future.add_done_callback(lambda f: self._finished(f, pool, done, decode, args, retry))
 

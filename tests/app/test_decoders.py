@@ -181,3 +181,12 @@ def test_decode_processes_default_to_half_the_cores_on_cuda_only(
         assert service().decode_processes(cpu) == 0
     assert service(decode_processes=0).decode_processes(cuda) == 0  # set explicitly: wins both ways
     assert service(decode_processes=3).decode_processes(cpu) == 3
+
+
+def test_a_job_after_shutdown_is_refused_as_not_ready() -> None:
+    pool = ProcessDecoders(1)
+    pool.start()
+    pool.shutdown()
+    with pytest.raises(ApiError) as refused:
+        pool.submit(Outcomes(1), image_frames, [b""], LIMITS)
+    assert (refused.value.status, refused.value.code) == (503, "not_ready")
