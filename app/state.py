@@ -31,6 +31,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as a container's cpuset limits it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 @dataclass
 class ServedModel:
     runtime: ModelRuntime
@@ -159,12 +166,12 @@ class Service:
         return asked
 
     def decode_processes(self, device: torch.device) -> int:
-        """DECODE_PROCESSES, or by default: on CUDA half the cores up to 8, where decoding on threads
+        """DECODE_PROCESSES, or by default: on CUDA half the usable cores up to 8, where decoding on threads
         held one H200 server near 170 clips/s and 8 processes reached 3.4-3.7x that; on the CPU none,
         where the model needs the cores (docs/PERFORMANCE.md)."""
         if self.settings.decode_processes is not None:
             return self.settings.decode_processes
-        cores = os.cpu_count() or 1
+        cores = usable_cores()
         return min(8, cores // 2) if device.type == "cuda" and cores >= 4 else 0
 
     def batch_limits(self, runtime: ModelRuntime) -> tuple[int, int, dict[str, Any] | None]:

@@ -175,8 +175,8 @@ def test_decode_processes_default_to_half_the_cores_on_cuda_only(
         return Service(Settings(checkpoint=default_ckpt, **settings), Metrics())
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)  # a device object: no GPU is touched
-    for cores, on_cuda in ((16, 8), (64, 8), (6, 3), (2, 0), (None, 0)):
-        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+    for cores, on_cuda in ((16, 8), (64, 8), (6, 3), (2, 0), (1, 0)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: set(range(cores)))
         assert service().decode_processes(cuda) == on_cuda
         assert service().decode_processes(cpu) == 0
     assert service(decode_processes=0).decode_processes(cuda) == 0  # set explicitly: wins both ways
