@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from types import FrameType
 from typing import Any
@@ -43,8 +44,10 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI, drain_s: float) -> None:
         super().__init__(config)
         self.app, self.drain_s = app, drain_s
+        self.signals: list[int] = []  # the stop signals received, in order
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.signals.append(sig)
         service = getattr(self.app.state, "service", None)
         if service is not None and not service.draining:
             service.draining = True
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises SIGINT once it has shut down cleanly: no traceback
         return 130  # the shell's status for an interrupted command
+    if signal.SIGINT in server.signals:  # stopped by SIGINT, whose re-raise did not come back as
+        return 130  # KeyboardInterrupt (ignored when inherited so, or taken by asyncio's own handler)
     return 0 if server.started else 1
 
 
