@@ -68,11 +68,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def spawn_server(*flags: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """``python -m app`` in a subprocess on a free port; yields (process, base URL) once ready."""
+def spawn_server(
+    *flags: str, env: dict[str, str] | None = None, sigint_ignored: bool = False
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``python -m app`` in a subprocess on a free port; yields (process, base URL) once ready.
+    ``sigint_ignored``: started with SIGINT ignored, as a shell starts a background job."""
     port = free_port()
+    cmd = [sys.executable, "-m", "app", "--port", str(port), *flags]
+    if sigint_ignored:  # the shell execs python in its place: same pid, SIGINT still ignored
+        cmd = ["sh", "-c", 'trap "" INT; exec "$0" "$@"', *cmd]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app", "--port", str(port), *flags],
+        cmd,
         env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

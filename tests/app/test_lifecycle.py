@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.app.conftest import encode, live_server, metric_value, multipart_frames, spawn_server, synth_clip
 
@@ -105,8 +106,12 @@ def test_sigterm_answers_every_accepted_request(slow_checkpoint: Path) -> None:
         assert "answering accepted requests" in log and "Finished server process" in log
 
 
-def test_ctrl_c_shuts_down_cleanly_without_a_traceback(default_ckpt: Path) -> None:
-    with spawn_server("--checkpoint", str(default_ckpt), "--max-batch-size", "2") as (proc, url):
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["foreground", "sigint-inherited-ignored"])
+def test_ctrl_c_shuts_down_cleanly_without_a_traceback(default_ckpt: Path, sigint_ignored: bool) -> None:
+    # uvicorn handles SIGINT itself either way; started with it ignored (a background job), the
+    # re-raised signal is ignored too, and the exit status must still say "interrupted"
+    flags = ("--checkpoint", str(default_ckpt), "--max-batch-size", "2")
+    with spawn_server(*flags, sigint_ignored=sigint_ignored) as (proc, url):
         assert httpx.get(f"{url}/v2/health/ready").status_code == 200
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130
