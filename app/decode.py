@@ -14,6 +14,8 @@ import binascii
 import io
 import itertools
 import os
+import signal
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,6 +153,13 @@ def form_frames(body: bytes, content_type: str, limits: InputLimits, frames: int
     return image_frames([p.data for p in images], limits)
 
 
-def process_id(_: object = None) -> int:
-    """In a decode process: its pid (the pool starts every process with it)."""
+def process_id(delay_s: float = 0.0) -> int:
+    """In a decode process: its pid, after ``delay_s`` (the pool starts every process with it)."""
+    time.sleep(delay_s)
     return os.getpid()
+
+
+def ignore_stop_signals() -> None:
+    """In a decode process, first: SIGINT and SIGTERM are the server's to act on (``app.decoders``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

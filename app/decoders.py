@@ -9,9 +9,14 @@ sends back one uint8 array (T, H, W, C); the server's process only wraps it in a
 and queues it, so every clip still meets one batcher. The decoders live in ``app.decode``,
 which imports no torch: a decode process holds about a third of the server's memory.
 
-A decode process that dies (killed, out of memory, a crash in a codec) breaks the pool:
-the pool is replaced and each job it held is tried once more in the new one; one that
-fails twice is answered 503 with ``Retry-After``.
+A decode process that dies (killed, out of memory, a crash in a codec) breaks the pool, and
+the pool stops its other processes too: every job it held fails together. The pool is
+replaced and those jobs are decoded again in the new one; a job caught in a second break
+is tried once more alone, in a pool of one process of its own, so a clip that kills every
+process it meets ends in a 503 (``Retry-After``) without taking other requests with it.
+The decode processes ignore SIGINT and SIGTERM: a Ctrl-C in a terminal reaches the
+whole process group, and the server, not its helpers, decides when decoding stops (it
+shuts the pool down once the requests in hand are answered).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -26,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from app.decode import process_id
+from app.decode import ignore_stop_signals, process_id
 from app.errors import ApiError, not_ready
 
 log = logging.getLogger(__name__)
@@ -39,24 +45,29 @@ class ProcessDecoders:
 
     def __init__(self, processes: int) -> None:
         self.processes = processes
-        self.restarts = 0  # pools replaced after a decode process died
+        self.restarts = 0  # shared pools replaced after a decode process died
         self._context = multiprocessing.get_context("spawn")  # never fork a process that holds torch's threads
         self._lock = threading.Lock()
         self._closed = False
-        self._pool = self._new_pool()
+        self._pool = self._new_pool(processes)
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.processes, mp_context=self._context)
+    def _new_pool(self, processes: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(processes, mp_context=self._context, initializer=ignore_stop_signals)
 
-    def start(self) -> list[int]:
+    def start(self, timeout_s: float = 120.0) -> list[int]:
         """Start every process now (each imports ``app.decode``), not on the first requests; returns
-        their pids."""
-        return sorted(set(self._pool.map(process_id, range(self.processes * 4))))
+        their pids. Short jobs go out until each process has answered one."""
+        seen: set[int] = set()
+        deadline = time.monotonic() + timeout_s
+        while len(seen) < self.processes and time.monotonic() < deadline:
+            seen.update(self._pool.map(process_id, [0.02] * (self.processes * 2)))
+        return sorted(seen)
 
-    def submit(self, done: Done, decode: Callable[..., np.ndarray], *args: Any, retry: bool = True) -> None:
-        """Decode in a process; ``done(array, None)`` or ``done(None, exc)`` is called on one of the
-        pool's threads in this process."""
-        pool = self._pool
+    def submit(self, done: Done, decode: Callable[..., np.ndarray], *args: Any, attempt: int = 0) -> None:
+        """Decode in a process; ``done(array, None)`` or ``done(None, exc)`` is called once, on one of
+        the pool's threads in this process (or on the caller's, when the job is already over).
+        ``attempt``: 0 first, 1 after a break (the new shared pool), 2 alone in a pool of its own."""
+        pool = self._pool if attempt < 2 else self._new_pool(1)
         try:
             try:
                 future = pool.submit(decode, *args)
@@ -65,36 +76,39 @@ class ProcessDecoders:
                 future = pool.submit(decode, *args)
         except RuntimeError as exc:  # shut down (BrokenProcessPool too, once closing): the server is stopping
             raise not_ready("the server is shutting down") from exc
-        future.add_done_callback(lambda f: self._finished(f, pool, done, decode, args, retry))
+        future.add_done_callback(lambda f: self._finished(f, pool, done, decode, args, attempt))
 
     def _finished(
-        self, future: Future[np.ndarray], pool: ProcessPoolExecutor, done: Done, decode: Any, args: Any, retry: bool
+        self, future: Future[np.ndarray], pool: ProcessPoolExecutor, done: Done, decode: Any, args: Any, attempt: int
     ) -> None:
         try:
-            exc = future.exception()
-        except BaseException as cancelled:  # cancelled: reported like any failure
-            exc = cancelled
-        if isinstance(exc, BrokenProcessPool):
-            if retry and not self._closed:
-                log.warning("a decode process died; the pool is replaced and the clip decoded again")
-                self._replace(pool)
-                try:
-                    self.submit(done, decode, *args, retry=False)
-                except Exception as again:  # reported to the waiting request
-                    done(None, again)
-                return
-            exc = ApiError(
-                503,
-                "decoder_failed",
-                "a decode process stopped while decoding this clip; try again",
-                {"Retry-After": "1"},
-            )
-        done(None if exc else future.result(), exc)
+            if attempt == 2:
+                pool.shutdown(wait=False)  # a pool of one job
+            try:
+                exc = future.exception()
+            except BaseException as cancelled:  # cancelled: reported like any failure
+                exc = cancelled
+            if isinstance(exc, BrokenProcessPool):
+                if attempt < 2 and not self._closed:
+                    log.warning("a decode process died; its pool's clips are decoded again (attempt %d)", attempt + 2)
+                    self._replace(pool)  # the shared pool (a no-op once another job has replaced it)
+                    self.submit(done, decode, *args, attempt=attempt + 1)
+                    return
+                exc = ApiError(
+                    503,
+                    "decoder_failed",
+                    "a decode process stopped while decoding this clip; try again",
+                    {"Retry-After": "1"},
+                )
+            done(None if exc else future.result(), exc)
+        except Exception as failed:  # never leave the request waiting: it gets this failure instead
+            log.exception("decode job bookkeeping failed")
+            done(None, failed)
 
     def _replace(self, broken: ProcessPoolExecutor) -> ProcessPoolExecutor:
         with self._lock:
             if self._pool is broken and not self._closed:
-                self._pool = self._new_pool()
+                self._pool = self._new_pool(self.processes)
                 self.restarts += 1
                 broken.shutdown(wait=False)
             return self._pool

@@ -65,8 +65,8 @@ class Settings(BaseSettings):
         None,
         ge=0,
         description="processes that decode /predict's images and videos instead of the decode threads; "
-        "default: on CUDA half the CPU cores up to 8 (one process's interpreter cannot feed a GPU), "
-        "on the CPU 0 (decode on threads in the server's process)",
+        "default: on CUDA half the usable cores up to 8, none under 4 (one process's interpreter cannot "
+        "feed a GPU); on the CPU 0 (decode on threads in the server's process)",
     )
     memory_trim_s: float = Field(
         10.0,

@@ -69,10 +69,11 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def spawn_server(
-    *flags: str, env: dict[str, str] | None = None, sigint_ignored: bool = False
+    *flags: str, env: dict[str, str] | None = None, sigint_ignored: bool = False, new_session: bool = False
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """``python -m app`` in a subprocess on a free port; yields (process, base URL) once ready.
-    ``sigint_ignored``: started with SIGINT ignored, as a shell starts a background job."""
+    ``sigint_ignored``: started with SIGINT ignored, as a shell starts a background job;
+    ``new_session``: in a process group of its own (with its children), to signal as a terminal does."""
     port = free_port()
     cmd = [sys.executable, "-m", "app", "--port", str(port), *flags]
     if sigint_ignored:  # the shell execs python in its place: same pid, SIGINT still ignored
@@ -83,6 +84,7 @@ def spawn_server(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=new_session,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90

@@ -18,9 +18,10 @@ import torch
 
 from app.decode import image_frames
 from app.decoders import ProcessDecoders
-from app.errors import ApiError, bad_input
+from app.errors import ApiError
 from app.preprocess import InputLimits, decode_images, decode_video
 from tests.app.conftest import encode, metric_value, multipart_frames, spawn_server, synth_clip, write_mp4
+from tests.app.decode_jobs import crash_always, crash_once, raise_bad_input, slow_frames
 from tests.app.test_predict import check_answer, reference  # noqa: F401 - the fixture
 
 LIMITS = InputLimits(32, 32, 3, 8, 64, 4096 * 4096)
@@ -29,22 +30,6 @@ LIMITS = InputLimits(32, 32, 3, 8, 64, 4096 * 4096)
 def test_api_errors_survive_pickling_whole() -> None:
     err = pickle.loads(pickle.dumps(ApiError(503, "overloaded", "busy", {"Retry-After": "1"})))
     assert (err.status, err.code, err.message, err.headers) == (503, "overloaded", "busy", {"Retry-After": "1"})
-
-
-def crash_once(marker: str, blobs: list[bytes], limits: InputLimits) -> np.ndarray:
-    """In a decode process: die the first time (``marker`` does not exist yet), decode after that."""
-    if not os.path.exists(marker):
-        Path(marker).touch()
-        os._exit(1)
-    return image_frames(blobs, limits)
-
-
-def crash_always(blobs: list[bytes], limits: InputLimits) -> np.ndarray:
-    os._exit(1)
-
-
-def raise_bad_input(blobs: list[bytes], limits: InputLimits) -> np.ndarray:
-    raise bad_input("frame 0 is not a decodable image (planted)")
 
 
 class Outcomes:
@@ -74,16 +59,16 @@ def decoders():  # type: ignore[no-untyped-def]
     pool.shutdown()
 
 
-def test_a_process_that_dies_mid_job_is_replaced_and_the_job_decoded_again(
+def test_a_process_that_dies_mid_job_is_replaced_and_the_jobs_it_held_decoded_again(
     decoders: ProcessDecoders, tmp_path: Path
 ) -> None:
     blobs = [encode(f) for f in synth_clip("left", frames=6, seed=5)]
     expected = decode_images(blobs, LIMITS)
     restarts = decoders.restarts
     done = Outcomes(3)
+    decoders.submit(done, slow_frames, 1.0, blobs, LIMITS)  # running in the other process when one dies
     decoders.submit(done, crash_once, str(tmp_path / "crashed"), blobs, LIMITS)
-    for _ in range(2):  # jobs beside it in the same pool: retried in the new one too, if they were caught
-        decoders.submit(done, image_frames, blobs, LIMITS)
+    decoders.submit(done, image_frames, blobs, LIMITS)  # waiting in the pool
     for array, exc in done.wait():
         assert exc is None, exc
         assert array is not None and array.shape == (6, 32, 32, 3)
@@ -92,15 +77,19 @@ def test_a_process_that_dies_mid_job_is_replaced_and_the_job_decoded_again(
     assert (tmp_path / "crashed").exists()
 
 
-def test_a_job_that_kills_every_process_is_answered_503_and_the_pool_goes_on(decoders: ProcessDecoders) -> None:
+def test_a_job_that_kills_every_process_gets_503_alone_and_the_pool_goes_on(decoders: ProcessDecoders) -> None:
     blobs = [encode(f) for f in synth_clip("up", frames=4, seed=6)]
     restarts = decoders.restarts
-    done = Outcomes(1)
+    done = Outcomes(2)
+    decoders.submit(done, slow_frames, 1.0, blobs, LIMITS)  # caught in both breaks, then decoded alone
     decoders.submit(done, crash_always, blobs, LIMITS)
-    [(array, exc)] = done.wait()
-    assert array is None and isinstance(exc, ApiError)
+    results = done.wait()
+    [(array, _)] = [r for r in results if r[1] is None]
+    assert array is not None and array.shape == (4, 32, 32, 3)
+    [exc] = [e for _, e in results if e is not None]
+    assert isinstance(exc, ApiError)
     assert exc.status == 503 and exc.code == "decoder_failed" and exc.headers == {"Retry-After": "1"}
-    assert decoders.restarts >= restarts + 1
+    assert decoders.restarts == restarts + 2  # the shared pool broke twice; the third try ran alone
     after = Outcomes(2)
     decoders.submit(after, image_frames, blobs, LIMITS)
     decoders.submit(after, raise_bad_input, blobs, LIMITS)  # a decode error crosses back as itself
@@ -190,3 +179,33 @@ def test_a_job_after_shutdown_is_refused_as_not_ready() -> None:
     with pytest.raises(ApiError) as refused:
         pool.submit(Outcomes(1), image_frames, [b""], LIMITS)
     assert (refused.value.status, refused.value.code) == (503, "not_ready")
+
+
+def test_ctrl_c_to_the_process_group_answers_accepted_requests_and_spares_the_decoders(
+    default_ckpt: Path,
+) -> None:
+    # a terminal's Ctrl-C reaches the server and its decode processes at once
+    flags = ("--checkpoint", str(default_ckpt), "--decode-processes", "2", "--max-batch-size", "1")
+    blobs = [encode(f) for f in synth_clip("left", frames=16, seed=7)]
+    with spawn_server(*flags, new_session=True) as (proc, url):
+        first = threading.Event()
+
+        def post(i: int) -> str:
+            try:
+                r = httpx.post(f"{url}/predict", files=multipart_frames(blobs), timeout=60)
+            except httpx.TransportError as exc:  # not accepted: the listener had closed
+                return type(exc).__name__
+            first.set()
+            return "200" if r.status_code == 200 else f"{r.status_code} {r.json()['error']['code']}"
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = [pool.submit(post, i) for i in range(64)]
+            assert first.wait(60)
+            os.killpg(proc.pid, signal.SIGINT)
+            outcomes = [a.result() for a in answers]
+        assert proc.wait(timeout=60) == 130
+        log = proc.stdout.read() if proc.stdout else ""
+    assert outcomes.count("200") >= 1
+    # each request was answered, refused as new work while stopping (503 not_ready), or not let in
+    assert set(outcomes) <= {"200", "503 not_ready", "ConnectError", "RemoteProtocolError"}, outcomes
+    assert "decode process died" not in log and "Traceback" not in log, log[-3000:]
