@@ -53,7 +53,7 @@ class Closed(Exception):
 
 
 class TimedOut(Exception):
-    """The clip waited in the queue past its deadline."""
+    """The clip waited in the queue past its deadline, or was not decoded in time."""
 
 
 class InferenceFailed(Exception):
@@ -133,16 +133,18 @@ class Batcher:
         workers: int = 1,
         share_from: int = 1,
         after_batch: Callable[[], object] | None = None,
+        decode_timeout_s: float = math.inf,
     ) -> None:
         if min(max_batch_size, max_batch_frames, max_queue, workers, share_from) < 1:
             raise ValueError("batch limits, queue size, workers and share_from must be positive")
-        if timeout_s <= 0 or max_delay_s < 0:
-            raise ValueError("the timeout must be positive and the delay not negative")
+        if timeout_s <= 0 or decode_timeout_s <= 0 or max_delay_s < 0:
+            raise ValueError("the timeouts must be positive and the delay not negative")
         self.name = name
         self._forward = forward
         self._launch = launch
         self.max_batch_size, self.max_batch_frames = max_batch_size, max_batch_frames
         self.max_delay_s, self.max_queue, self.timeout_s = max_delay_s, max_queue, timeout_s
+        self.decode_timeout_s = decode_timeout_s  # from a request's tickets to its clips queued
         self._on_batch = on_batch or (lambda stats: None)
         self._on_drop = on_drop or (lambda reason: None)
         self._after_batch = after_batch  # in the worker, once a batch's clips are answered
@@ -218,13 +220,14 @@ class Batcher:
         # between the worker's answer and this coroutine is another turn of the event loop.
         loop = asyncio.get_running_loop()
         timer: asyncio.TimerHandle | None = None
+        since = time.perf_counter()  # the body is read and its decoding started
 
         def check() -> None:
             nonlocal timer
-            again = self._expire(tickets)
+            again = self._expire(tickets, since)
             timer = None if again is None else loop.call_later(again, check)
 
-        timer = loop.call_later(self.timeout_s, check)
+        timer = loop.call_later(min(self.timeout_s, self.decode_timeout_s), check)
         try:
             return [await t.future for t in tickets]
         except BaseException:  # timed out, failed, or the caller went away: withdraw what is still queued
@@ -236,22 +239,33 @@ class Batcher:
             if timer is not None:
                 timer.cancel()
 
-    def _expire(self, tickets: list[Ticket]) -> float | None:
+    def _expire(self, tickets: list[Ticket], since: float) -> float | None:
         """On the loop: fail the request's clips that waited in the queue past their deadline (a
-        started clip is answered late). Returns the seconds until the next check, None if none."""
+        started clip is answered late), or that are still not decoded ``decode_timeout_s`` after
+        ``since`` (a decoder that hangs). Returns the seconds until the next check, None if none."""
         now = time.perf_counter()
+
+        def limit(t: Ticket) -> float:
+            return t.deadline if t.enqueued else since + self.decode_timeout_s
+
         with self._cond:
             waiting = [t for t in tickets if not t.started and not t.future.done()]
             if not waiting:
                 return None
-            deadline = min(t.deadline for t in waiting)  # infinite while a clip is still being decoded
+            deadline = min(limit(t) for t in waiting)
             if deadline > now:
                 return min(deadline - now, self.timeout_s)
+            decoding = any(not t.enqueued and limit(t) <= now for t in waiting)
             for t in waiting:
                 t.cancelled = True
+        reason = (
+            f"not decoded within {self.decode_timeout_s:g} s"
+            if decoding
+            else f"waited more than {self.timeout_s:g} s in the queue"
+        )
         for t in waiting:
             if not t.future.done():
-                t.future.set_exception(TimedOut(f"waited more than {self.timeout_s:g} s in the queue"))
+                t.future.set_exception(TimedOut(reason))
         return None
 
     def _withdraw(self, pending: list[Ticket]) -> None:

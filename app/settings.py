@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(0.0, ge=0, description="extra wait for a fuller batch; 0: none")
     max_queue: int = Field(256, ge=1, description="clips waiting per model before new ones get 503")
     request_timeout_s: float = Field(30.0, gt=0, description="a clip still queued after this gets 504")
+    decode_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="an upload still not decoded this long after it was read gets 504 (a decoder that hangs)",
+    )
     max_frames: int = Field(64, ge=1, description="most frames in one clip")
     max_upload_mb: float = Field(32.0, gt=0, description="largest request body")
     max_pixels: int = Field(4096 * 4096, ge=1, description="largest width x height of one decoded frame")

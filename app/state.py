@@ -130,6 +130,7 @@ class Service:
                 max_delay_s=s.max_batch_delay_ms / 1000,
                 max_queue=s.max_queue,
                 timeout_s=s.request_timeout_s,
+                decode_timeout_s=s.decode_timeout_s,
                 on_batch=self.metrics.batch_observer(name),
                 on_drop=self.metrics.drop_observer(name),
                 after_batch=release.tick,

@@ -191,6 +191,23 @@ def test_a_clip_queued_from_another_thread_times_out_by_its_time_in_the_queue_no
     asyncio.run(main())
 
 
+def test_a_clip_never_decoded_gets_timed_out_after_the_decode_limit_and_is_never_run() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        b, _, drops = make(model, decode_timeout_s=0.2)  # the queue limit stays 10 s
+        tickets = b.tickets(1, asyncio.get_running_loop())
+        began = time.monotonic()
+        with pytest.raises(TimedOut, match=r"not decoded within 0\.2 s"):
+            await b.wait(tickets)  # no decoder ever queues it: a hung one
+        assert 0.19 <= time.monotonic() - began < 5
+        await asyncio.to_thread(b.enqueue, tickets, [clip(2)])  # the hung decoder finishes after all
+        assert (await b.submit(clip(1))).probabilities.tolist() == [4.0, 1.0]
+        await b.close()
+        assert model.batches == [[1]] and drops == ["cancelled"]  # the late clip cost no compute
+
+    asyncio.run(main())
+
+
 def test_a_failure_reported_from_another_thread_reaches_the_waiter() -> None:
     async def main() -> None:
         b, _, _ = make(FakeModel())

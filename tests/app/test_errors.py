@@ -158,3 +158,15 @@ def test_api_key(default_ckpt: Path) -> None:
         assert httpx.get(f"{url}/v2/health/ready").status_code == 200
         assert httpx.get(f"{url}/v2/health/live").status_code == 200
         assert httpx.get(f"{url}/metrics").status_code == 200
+
+
+def test_an_upload_that_decodes_too_long_gets_504_and_the_server_goes_on(default_ckpt: Path) -> None:
+    # 16 PNG frames of 2000x2000 (16 KB each, smooth): about 1.5 s of decoding on this machine
+    y, x = np.mgrid[0:2000, 0:2000]
+    big = encode(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8), "PNG")
+    with live_server(checkpoint=default_ckpt, decode_timeout_s=0.3) as url:
+        r = httpx.post(f"{url}/predict", files=multipart_frames([big] * 16, "png"), timeout=60)
+        assert r.status_code == 504, r.text
+        assert r.json()["error"]["code"] == "timeout" and "not decoded within 0.3 s" in r.json()["error"]["message"]
+        small = [encode(f) for f in synth_clip("up", frames=2, seed=9)]
+        assert httpx.post(f"{url}/predict", files=multipart_frames(small), timeout=60).status_code == 200
