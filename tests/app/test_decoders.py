@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import os
-import pickle
 import signal
 import threading
 import time
@@ -25,11 +24,6 @@ from tests.app.decode_jobs import crash_always, crash_once, raise_bad_input, slo
 from tests.app.test_predict import check_answer, reference  # noqa: F401 - the fixture
 
 LIMITS = InputLimits(32, 32, 3, 8, 64, 4096 * 4096)
-
-
-def test_api_errors_survive_pickling_whole() -> None:
-    err = pickle.loads(pickle.dumps(ApiError(503, "overloaded", "busy", {"Retry-After": "1"})))
-    assert (err.status, err.code, err.message, err.headers) == (503, "overloaded", "busy", {"Retry-After": "1"})
 
 
 class Outcomes:
