@@ -159,7 +159,8 @@ def process_id(delay_s: float = 0.0) -> int:
     return os.getpid()
 
 
-def ignore_stop_signals() -> None:
-    """In a decode process, first: SIGINT and SIGTERM are the server's to act on (``app.decoders``)."""
+def ignore_interrupts() -> None:
+    """In a decode process, first: SIGINT is the server's to act on. A terminal's Ctrl-C reaches the
+    whole process group; the server shuts its decode processes down once it has answered what it
+    accepted. (SIGTERM stays: the pool stops the processes of a broken pool with it.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -14,9 +14,9 @@ the pool stops its other processes too: every job it held fails together. The po
 replaced and those jobs are decoded again in the new one; a job caught in a second break
 is tried once more alone, in a pool of one process of its own, so a clip that kills every
 process it meets ends in a 503 (``Retry-After``) without taking other requests with it.
-The decode processes ignore SIGINT and SIGTERM: a Ctrl-C in a terminal reaches the
-whole process group, and the server, not its helpers, decides when decoding stops (it
-shuts the pool down once the requests in hand are answered).
+The decode processes ignore SIGINT: a Ctrl-C in a terminal reaches the whole process
+group, and the server, not its helpers, decides when decoding stops (it shuts the pool
+down once the requests in hand are answered).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from app.decode import ignore_stop_signals, process_id
+from app.decode import ignore_interrupts, process_id
 from app.errors import ApiError, not_ready
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class ProcessDecoders:
         self._pool = self._new_pool(processes)
 
     def _new_pool(self, processes: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(processes, mp_context=self._context, initializer=ignore_stop_signals)
+        return ProcessPoolExecutor(processes, mp_context=self._context, initializer=ignore_interrupts)
 
     def start(self, timeout_s: float = 120.0) -> list[int]:
         """Start every process now (each imports ``app.decode``), not on the first requests; returns
