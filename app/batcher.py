@@ -144,7 +144,7 @@ class Batcher:
         self._launch = launch
         self.max_batch_size, self.max_batch_frames = max_batch_size, max_batch_frames
         self.max_delay_s, self.max_queue, self.timeout_s = max_delay_s, max_queue, timeout_s
-        self.decode_timeout_s = decode_timeout_s  # from a request's tickets to its clips queued
+        self.decode_timeout_s = decode_timeout_s  # from ``wait`` (body read, decoding started) to queued
         self._on_batch = on_batch or (lambda stats: None)
         self._on_drop = on_drop or (lambda reason: None)
         self._after_batch = after_batch  # in the worker, once a batch's clips are answered

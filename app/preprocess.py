@@ -12,7 +12,6 @@ import torch
 from app.decode import (
     IMAGE_FORMATS,
     InputLimits,
-    base64_frames,
     check_count,
     decode_image,
     image_frames,
@@ -25,7 +24,6 @@ __all__ = [
     "InputLimits",
     "array_to_clip",
     "check_count",
-    "decode_base64_images",
     "decode_image",
     "decode_images",
     "decode_video",
@@ -47,10 +45,6 @@ def frames_to_clip(frames: list[np.ndarray]) -> torch.Tensor:
 
 def decode_images(blobs: list[bytes], limits: InputLimits) -> torch.Tensor:
     return array_to_clip(image_frames(blobs, limits))
-
-
-def decode_base64_images(items: list[object], limits: InputLimits) -> torch.Tensor:
-    return array_to_clip(base64_frames(items, limits))
 
 
 def decode_video(data: bytes, limits: InputLimits, frames: int | None = None) -> torch.Tensor:
