@@ -209,7 +209,7 @@ def preprocessing_costs(spec: dict[str, Any], min_time: float) -> list[dict[str,
 
 def http_costs(labels: list[str], min_time: float) -> list[dict[str, Any]]:
     """Per request, the server's own HTTP-side steps around a clip: splitting a 16-part multipart
-    body as ``/predict`` does (``app.multipart.parse_form``, python-multipart's parser), against
+    body as ``/predict`` does (``app.multipart.parse_form``, the ``multipart`` package), against
     Starlette's form (an ``UploadFile`` per part); and writing the JSON answer through
     pydantic-core as FastAPI does, against the standard library's ``json``."""
     from pydantic import TypeAdapter
