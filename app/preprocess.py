@@ -9,28 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from app.decode import (
-    IMAGE_FORMATS,
-    InputLimits,
-    check_count,
-    decode_image,
-    image_frames,
-    sample_positions,
-    video_frames,
-)
-
-__all__ = [
-    "IMAGE_FORMATS",
-    "InputLimits",
-    "array_to_clip",
-    "check_count",
-    "decode_image",
-    "decode_images",
-    "decode_video",
-    "frames_to_clip",
-    "sample_positions",
-    "tensor_to_clips",
-]
+from app.decode import InputLimits, image_frames, video_frames
 
 
 def array_to_clip(array: np.ndarray) -> torch.Tensor:

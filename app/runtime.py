@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from app.preprocess import InputLimits
+from app.decode import InputLimits
 from models import Checkpoint, CheckpointError, load_checkpoint
 from models.encoders import fold_batchnorm
 

@@ -19,10 +19,10 @@ from app.api.common import decode_and_queue
 from app.autotune import MAX_SIZE as AUTOTUNE_MAX
 from app.autotune import choose_batch_limits
 from app.batcher import Batcher, Ticket
+from app.decode import InputLimits
 from app.decoders import ProcessDecoders
 from app.errors import not_found, not_ready
 from app.metrics import Metrics
-from app.preprocess import InputLimits
 from app.runtime import CpuThreads, ModelRuntime, load_runtimes, pick_device
 from app.settings import Settings
 from models.system import PeriodicRelease, release_free_memory

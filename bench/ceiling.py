@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 from app.autotune import make_batch
-from app.preprocess import InputLimits, decode_image, decode_video, frames_to_clip
+from app.decode import InputLimits, decode_image
+from app.preprocess import decode_video, frames_to_clip
 from app.runtime import PASS_PIXELS, frames_per_encoder_pass
 from bench.media import encode_jpeg, encode_mp4, synth_clips
 from models import InputSpec, LSTMHeadConfig, ModelConfig, SmallCNNConfig, build_model, load_checkpoint, save_checkpoint

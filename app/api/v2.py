@@ -22,9 +22,10 @@ from fastapi.responses import JSONResponse, Response
 
 from app import __version__
 from app.api.common import ClientGone, run_clips
+from app.decode import InputLimits, check_count
 from app.deps import ServiceDep, require_api_key
 from app.errors import bad_input, not_found, not_ready, too_large, wrong_shape
-from app.preprocess import InputLimits, check_count, tensor_to_clips
+from app.preprocess import tensor_to_clips
 from app.state import ServedModel, Service
 
 HEADER = "inference-header-content-length"

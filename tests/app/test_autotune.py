@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from app.autotune import choose_batch_limits
-from app.preprocess import InputLimits, decode_images
+from app.decode import InputLimits
+from app.preprocess import decode_images
 from bench.media import encode_jpeg
 from tests.app.conftest import live_server
 

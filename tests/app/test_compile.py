@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.preprocess import InputLimits, decode_images
+from app.decode import InputLimits
+from app.preprocess import decode_images
 from models import InputSpec, LSTMHeadConfig, ModelConfig, SmallCNNConfig, build_model, load_checkpoint, save_checkpoint
 from tests.app.conftest import encode, live_server, multipart_frames, synth_clip
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.preprocess import InputLimits, decode_images
+from app.decode import InputLimits
+from app.preprocess import decode_images
 from app.runtime import ModelRuntime, bucket
 from models import load_checkpoint
 from tests.app.conftest import encode, live_server, multipart_frames, synth_clip

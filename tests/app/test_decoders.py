@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from app.decode import image_frames
+from app.decode import InputLimits, image_frames
 from app.decoders import ProcessDecoders
 from app.errors import ApiError
-from app.preprocess import InputLimits, decode_images, decode_video
+from app.preprocess import decode_images, decode_video
 from tests.app.conftest import encode, metric_value, multipart_frames, spawn_server, synth_clip, write_mp4
 from tests.app.decode_jobs import crash_always, crash_once, raise_bad_input, slow_frames
 from tests.app.test_predict import check_answer, reference  # noqa: F401 - the fixture

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.preprocess import InputLimits, decode_images, decode_video
+from app.decode import InputLimits
+from app.preprocess import decode_images, decode_video
 from models import load_checkpoint
 from tests.app.conftest import encode, live_server, metric_value, multipart_frames, synth_clip, write_mp4
 
