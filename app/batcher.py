@@ -23,7 +23,7 @@ model whose clips/s grows with the batch keeps gathering batches under load inst
 two workers splitting the queue into single clips.
 
 ``after_batch`` runs in the worker once a batch's clips are answered (housekeeping, such
-as handing free heap memory back: ``models.system.PeriodicRelease``).
+as handing free heap memory back: ``models.system.HeapRelease``).
 """
 
 from __future__ import annotations

@@ -55,6 +55,12 @@ class Metrics:
             "times free heap memory was handed back while serving (MEMORY_TRIM_S)",
             registry=r,
         )
+        self.heap_bytes = Gauge(
+            "fusionserve_heap_bytes",
+            "glibc heap of the server's process: bytes in blocks in use, and free bytes held for reuse",
+            ["state"],
+            registry=r,
+        )
         self.decoder_restarts = Gauge(
             "fusionserve_decoder_restarts",
             "times the decode processes were replaced after one died (DECODE_PROCESSES)",

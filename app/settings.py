@@ -77,7 +77,8 @@ class Settings(BaseSettings):
         10.0,
         ge=0,
         description="on the CPU, hand free heap memory back to the system at most this often (seconds), once "
-        "a batch is answered, so that RSS follows what is in use under sustained load; 0: never",
+        "a batch is answered, so that RSS follows what is in use under sustained load, and once more when no "
+        "batch has run for as long; 0: never",
     )
     warmup: bool = Field(True, description="run dummy batches before reporting ready")
     drain_s: float = Field(0.0, ge=0, description="after SIGTERM, seconds to report not-ready before closing")

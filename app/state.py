@@ -25,7 +25,7 @@ from app.errors import not_found, not_ready
 from app.metrics import Metrics
 from app.runtime import CpuThreads, ModelRuntime, load_runtimes, pick_device
 from app.settings import Settings
-from models.system import PeriodicRelease, release_free_memory
+from models.system import HeapRelease, heap_part, heap_usage, release_free_memory
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,6 +54,7 @@ class Service:
     default_model: str = ""
     decode_pool: ThreadPoolExecutor | None = None
     decoders: ProcessDecoders | None = None  # DECODE_PROCESSES > 0
+    release: HeapRelease | None = None  # hands free heap memory back (CPU)
     ready: bool = False
     draining: bool = False
 
@@ -106,9 +107,12 @@ class Service:
         device = pick_device(s.device)
         runtimes = load_runtimes(s.checkpoint, device, s.precision, s.cuda_graphs, s.compile, s.encoder_pass_pixels)
         threads = CpuThreads(torch.get_num_threads())  # one budget for every model's forward passes
-        # one heap for every model: free memory handed back now and then, after answered batches
-        release = PeriodicRelease(s.memory_trim_s if device.type == "cpu" else 0)
+        # one heap for every model: free memory handed back now and then after answered batches, and once idle
+        self.release = release = HeapRelease(s.memory_trim_s if device.type == "cpu" else 0)
         self.metrics.memory_trims.set_function(partial(getattr, release, "trims"))
+        if heap_usage() is not None:  # glibc: what the heap holds, in use against free (fragmentation)
+            for i, state in enumerate(("in_use", "free")):
+                self.metrics.heap_bytes.labels(state).set_function(partial(heap_part, i))
         for name, runtime in runtimes.items():
             runtime.threads = threads  # used by CPU forward passes only
             if s.warmup:
@@ -144,6 +148,7 @@ class Service:
             raise ValueError(f"default model {s.default_model!r} is not among the loaded {sorted(self.models)}")
         self.default_model = s.default_model or next(iter(self.models))
         release_free_memory()  # warm-up and autotune's largest batches need not stay resident
+        release.start()
         self.decode_pool = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode")
         processes = self.decode_processes(device)
         if processes:
@@ -206,3 +211,5 @@ class Service:
             self.decode_pool.shutdown(wait=True)
         if self.decoders is not None:
             self.decoders.shutdown()
+        if self.release is not None:
+            self.release.close()

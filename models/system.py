@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import sys
 import threading
 import time
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -62,31 +64,103 @@ def release_free_memory() -> bool:
         return False
 
 
-class PeriodicRelease:
-    """``release_free_memory`` at most once per ``interval_s``, from whichever thread calls ``tick``.
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+    ] + [("keepcost", ctypes.c_size_t)]
+
+
+def heap_part(index: int) -> float:
+    """``heap_usage()[index]`` (0: in use, 1: free), 0 without glibc: for a gauge's callback."""
+    usage = heap_usage()
+    return float(usage[index]) if usage is not None else 0.0
+
+
+def heap_usage() -> tuple[int, int] | None:
+    """(bytes in use, bytes free) of glibc's heaps (``mallinfo2``, every arena, not counting blocks
+    mapped on their own), or None without glibc 2.33+. Free bytes are heap that no block uses: held
+    for reuse, resident until touched by a trim, and the measure of fragmentation under load."""
+    info = _mallinfo2()
+    if info is None:
+        return None
+    m = info()
+    return int(m.uordblks), int(m.fordblks)
+
+
+@functools.cache
+def _mallinfo2() -> Any:
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    if name is None:
+        return None
+    try:
+        info = ctypes.CDLL(name).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    info.restype = _MallInfo2
+    return info
+
+
+class HeapRelease:
+    """``release_free_memory`` at most once per ``interval_s`` under load, and once more when the work pauses.
 
     With the thresholds ``tune_malloc`` sets, freed memory stays in the heap for reuse, but
-    under sustained load the heap fragments: a long-lived smaller block (a decoded clip
-    waiting in the queue) is carved out of a freed activation block, the next activation
-    of that size no longer fits, and the heap grows by it while the pages it left stay
-    resident. Trimming now and then hands the free pages back (RSS follows what is in
-    use); the next passes fault in what they touch again, once per interval.
+    under sustained load the heap fragments: blocks that live longer (decoded clips waiting
+    in the queue, request bodies, the library's own objects) split freed activation blocks,
+    the next activation no longer fits, and the heap grows while the pages it left stay
+    resident (``fusionserve_heap_bytes`` shows the free part). ``tick``, after each batch,
+    trims if ``interval_s`` has passed since the last trim: RSS follows what is in use in a
+    sawtooth, and the next passes fault in what they touch again, once per interval. A daemon
+    thread (``start``/``close``) trims once more when no batch has run for ``interval_s``, so
+    a server that went quiet holds only what is in use. ``trims`` counts both kinds.
     """
 
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
         self.trims = 0
-        self._last = time.monotonic()
+        self._last_trim = self._last_batch = time.monotonic()
+        self._pending = False  # a batch ran since the last trim
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def tick(self) -> bool:
-        """Trim if the interval has passed since the last trim (or since start); True if it did."""
+        """After a batch: trim if the interval has passed since the last trim (or since start); True if it did."""
         if self.interval_s <= 0:
             return False
         now = time.monotonic()
         with self._lock:
-            if now - self._last < self.interval_s:
+            self._last_batch = now
+            if now - self._last_trim < self.interval_s:
+                self._pending = True
                 return False
-            self._last = now
-            self.trims += 1
+            self._trimmed(now)
         return release_free_memory()
+
+    def _trimmed(self, now: float) -> None:  # under the lock
+        self._last_trim = now
+        self._pending = False
+        self.trims += 1
+
+    def start(self) -> None:
+        """Serving starts: the intervals count from now (the caller has just trimmed after its warm-up)."""
+        with self._lock:
+            self._last_trim = self._last_batch = time.monotonic()
+        if self.interval_s > 0 and self._thread is None:
+            self._thread = threading.Thread(target=self._watch_idle, name="heap-release", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _watch_idle(self) -> None:
+        while not self._stop.wait(min(1.0, self.interval_s / 4)):
+            now = time.monotonic()
+            with self._lock:
+                if not (self._pending and now - self._last_batch >= self.interval_s):
+                    continue
+                self._trimmed(now)
+            release_free_memory()
