@@ -326,14 +326,41 @@ async def server_info(client: httpx.AsyncClient, url: str) -> list[dict[str, Any
     return [{k: m.get(k) for k in keys} for m in models]
 
 
+async def heap_mb(client: httpx.AsyncClient, url: str) -> tuple[float, float] | None:
+    """The server's glibc heap from ``fusionserve_heap_bytes``: (MiB in use, MiB free), None without it."""
+    found: dict[str, float] = {}
+    for line in (await client.get(f"{url}/metrics")).text.splitlines():
+        if line.startswith("fusionserve_heap_bytes{"):
+            key, _, value = line.rpartition(" ")
+            found[key.split('state="', 1)[1].split('"', 1)[0]] = float(value) / 2**20
+    return (round(found["in_use"], 1), round(found["free"], 1)) if {"in_use", "free"} <= found.keys() else None
+
+
+async def sample_heap(client: httpx.AsyncClient, url: str, out: list[tuple[float, float]], interval_s: float) -> None:
+    """Append ``heap_mb`` every ``interval_s`` until cancelled."""
+    while True:
+        if (heap := await heap_mb(client, url)) is not None:
+            out.append(heap)
+        await asyncio.sleep(interval_s)
+
+
 async def soak(
     client: httpx.AsyncClient, server: ServerProcess, payloads: list[loadgen.Payload], args: Any
 ) -> dict[str, Any]:
-    """One closed-loop run at ``--soak-concurrency`` for ``--rss-soak`` s, RSS sampled every second."""
+    """One closed-loop run at ``--soak-concurrency`` for ``--rss-soak`` s, RSS and the heap (in use
+    against free, from /metrics) sampled every second."""
     url = f"{server.url}/predict"
-    async with RssSampler(server.pid, 1.0) as rss:
-        result = await loadgen.closed_loop(client, url, payloads, args.soak_concurrency, args.rss_soak)
+    heap: list[tuple[float, float]] = []
+    sampler = asyncio.create_task(sample_heap(client, server.url, heap, 1.0))
+    try:
+        async with RssSampler(server.pid, 1.0) as rss:
+            result = await loadgen.closed_loop(client, url, payloads, args.soak_concurrency, args.rss_soak)
+    finally:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
     s = rss.samples
+    used = [u for u, _ in heap]
     return {
         "concurrency": args.soak_concurrency,
         "duration_s": args.rss_soak,
@@ -347,6 +374,10 @@ async def soak(
         "rss_at_10s_mb": s[10] if len(s) > 10 else None,
         "rss_last_over_10s": round(s[-1] / s[10], 3) if len(s) > 10 else None,
         "rss_samples_mb": s,
+        # in use swings with the batches in flight; free is held heap that no block uses (fragmentation)
+        "heap_in_use_max_mb": max(used) if used else None,
+        "heap_free_last_mb": heap[-1][1] if heap else None,
+        "heap_samples_mb": [list(h) for h in heap],
     }
 
 
@@ -666,7 +697,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"first {_fmt(soak_result['rss_first_mb'])} MB, last {_fmt(soak_result['rss_last_mb'])} MB, "
             f"max {_fmt(soak_result['rss_max_mb'])} MB, last/first {_fmt(soak_result['rss_last_over_first'])}, "
             f"at 10 s {_fmt(soak_result.get('rss_at_10s_mb'))} MB, "
-            f"last/10 s {_fmt(soak_result.get('rss_last_over_10s'))}"
+            f"last/10 s {_fmt(soak_result.get('rss_last_over_10s'))}; heap in use at most "
+            f"{_fmt(soak_result.get('heap_in_use_max_mb'))} MB, "
+            f"free at the end {_fmt(soak_result.get('heap_free_last_mb'))} MB"
         )
     return "\n".join(lines)
 

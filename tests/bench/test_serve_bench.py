@@ -14,6 +14,7 @@ import pytest
 from bench import wrk
 from bench.serve import HISTOGRAMS, cpu_seconds, parse_env, process_tree, rss_mb, server_split
 from models import default_checkpoint
+from models.system import heap_usage
 
 TINY = ["--duration", "1", "--warmup", "0.5", "--clips", "2"]
 LEVEL_KEYS = {"requests", "ok", "clips_per_s", "p50_ms", "p99_ms", "errors", "late", "dropped", "server", "rss"}
@@ -68,6 +69,9 @@ def test_serve_bench_reports_every_level_without_errors(tmp_path: Path) -> None:
     assert soak["ok"] == soak["requests"] > 0 and len(soak["rss_samples_mb"]) >= 2
     assert soak["rss_last_over_first"] == round(soak["rss_samples_mb"][-1] / soak["rss_samples_mb"][0], 3)
     assert soak["rss_at_10s_mb"] is None  # a 2 s soak has no sample 10 s in
+    if heap_usage() is not None:  # glibc: the server reports its heap on /metrics
+        assert soak["heap_samples_mb"] and all(used > 1 and free >= 0 for used, free in soak["heap_samples_mb"])
+        assert soak["heap_in_use_max_mb"] == max(used for used, _ in soak["heap_samples_mb"])
     assert len(result["ceiling"]["before_after_clips_per_s"]) == 2 and result["ceiling"]["clips_per_s"] > 0
     levels = result["closed_loop"]
     for row in levels:
