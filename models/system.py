@@ -81,11 +81,17 @@ def heap_usage() -> tuple[int, int] | None:
     """(bytes in use, bytes free) of glibc's heaps (``mallinfo2``, every arena, not counting blocks
     mapped on their own), or None without glibc 2.33+. Free bytes are heap that no block uses: held
     for reuse, resident until touched by a trim, and the measure of fragmentation under load."""
+    stats = heap_stats()
+    return None if stats is None else (stats[1], stats[2])
+
+
+def heap_stats() -> tuple[int, int, int] | None:
+    """(heap size, bytes in use, bytes free) of glibc's heaps, as ``heap_usage``; None without glibc 2.33+."""
     info = _mallinfo2()
     if info is None:
         return None
     m = info()
-    return int(m.uordblks), int(m.fordblks)
+    return int(m.arena), int(m.uordblks), int(m.fordblks)
 
 
 @functools.cache

@@ -207,3 +207,26 @@ def test_rss_and_cpu_count_the_servers_child_processes() -> None:
             subprocess.run(["kill", str(pid)], check=False)
         proc.wait(timeout=10)
     assert rss_mb(proc.pid) is None and cpu_seconds(proc.pid) is None
+
+
+@pytest.mark.skipif(not wrk.available(), reason="wrk is not installed (Debian package wrk; .ci/run installs it)")
+@pytest.mark.skipif(heap_usage() is None, reason="needs glibc 2.33+ (mallinfo2); this C library has none")
+def test_heap_bench_samples_the_heap_of_a_loaded_server(tmp_path: Path) -> None:
+    out = tmp_path / "heap.json"
+    cmd = [sys.executable, "-m", "bench", "heap", "--checkpoint", str(default_checkpoint()), "--env",
+           "MAX_BATCH_SIZE=4", "MEMORY_TRIM_S=0", "--concurrency", "3", "--duration", "2", "--interval", "0.5",
+           "--clips", "2", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["load"]["ok"] > 0 and result["load"]["errors"] == {}
+    assert result["settings"]["max_batch_size"] == "4"
+    rows = result["rows"]
+    assert len(rows) >= 2
+    for row in rows:
+        assert abs(row["heap_mb"] - row["in_use_mb"] - row["free_mb"]) <= 0.2  # the heap is what is in use or free
+        assert row["rss_mb"] > row["in_use_mb"] > 1
+    peaks = [row["peak_in_use_mb"] for row in rows]
+    assert peaks == sorted(peaks) and peaks[-1] >= result["start"]["in_use_mb"]
+    assert result["heap_over_peak_in_use"] == round(rows[-1]["heap_mb"] / peaks[-1], 3)
+    assert "peak in use" in proc.stdout
