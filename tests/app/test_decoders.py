@@ -202,6 +202,10 @@ def test_ctrl_c_to_the_process_group_answers_accepted_requests_and_spares_the_de
         assert proc.wait(timeout=60) == 130
         log = proc.stdout.read() if proc.stdout else ""
     assert outcomes.count("200") >= 1
-    # each request was answered, refused as new work while stopping (503 not_ready), or not let in
-    assert set(outcomes) <= {"200", "503 not_ready", "ConnectError", "RemoteProtocolError"}, outcomes
+    # each request was answered, refused as new work while stopping (503 not_ready), or not let in: the
+    # listener had closed (ConnectError), or uvicorn closed a connection whose request it had not read yet,
+    # with a FIN (RemoteProtocolError) or, when the request's bytes were still unread in the socket, a
+    # reset (ReadError; seen once in a full suite run, 2026-12-01)
+    not_let_in = {"ConnectError", "RemoteProtocolError", "ReadError"}
+    assert set(outcomes) <= {"200", "503 not_ready", *not_let_in}, outcomes
     assert "decode process died" not in log and "Traceback" not in log, log[-3000:]
