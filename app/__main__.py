@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        timeout_keep_alive=settings.keep_alive_s,
         access_log=False,
     )
     server = DrainingServer(config, app, settings.drain_s)

@@ -80,6 +80,13 @@ class Settings(BaseSettings):
         "a batch is answered, so that RSS follows what is in use under sustained load, and once more when no "
         "batch has run for as long; 0: never",
     )
+    keep_alive_s: int = Field(
+        75,
+        ge=1,
+        description="seconds an idle HTTP keep-alive connection stays open; longer than clients' own expiry "
+        "(httpx: 5 s) and load balancers' idle timeouts, so that the server never closes a connection just as "
+        "a client sends a request on it",
+    )
     warmup: bool = Field(True, description="run dummy batches before reporting ready")
     drain_s: float = Field(0.0, ge=0, description="after SIGTERM, seconds to report not-ready before closing")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

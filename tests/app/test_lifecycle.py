@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -153,3 +154,38 @@ def test_env_variables_configure_the_server(default_ckpt: Path) -> None:
         info = httpx.get(f"{url}/models/moving-digits-lstm").json()
         assert info["batching"]["max_batch_size"] == 3 and info["batching"]["max_queue"] == 17
         assert "moving-digits-lstm" in httpx.get(f"{url}/metrics").text
+
+
+def _get_on(sock: socket.socket, path: str = "/v2/health/live") -> bytes:
+    """One HTTP/1.1 keep-alive request on ``sock``; the response's bytes (b"" when the server had closed it)."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(v for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")) if k.lower() == b"content-length")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return data
+
+
+def test_idle_keep_alive_connections_outlive_clients_expiry(default_ckpt: Path) -> None:
+    # uvicorn's own default (5 s) equals httpx's keep-alive expiry: a client could send on a connection
+    # just as the server closed it (a reset: ReadError). The server keeps idle connections KEEP_ALIVE_S.
+    for keep_alive, idle_s, still_open in (("1", 2.0, False), (None, 6.0, True)):  # 6 s: past uvicorn's 5
+        flags = ("--checkpoint", str(default_ckpt), *(("--keep-alive-s", keep_alive) if keep_alive else ()))
+        with spawn_server(*flags) as (_, url):
+            port = int(url.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                assert _get_on(sock).startswith(b"HTTP/1.1 200")
+                time.sleep(idle_s)
+                try:
+                    again = _get_on(sock)
+                except ConnectionResetError:
+                    again = b""
+                assert again.startswith(b"HTTP/1.1 200") == still_open, (keep_alive, again[:80])
