@@ -116,6 +116,42 @@ def _retrieve(future: asyncio.Future[Result]) -> None:
         future.exception()
 
 
+class _Expiry:
+    """A request's deadline timer on the event loop: ``Batcher._expire`` when it fires, re-armed
+    until none of the request's clips waits.
+
+    No reference cycle outlives the request: ``cancel`` drops the loop's handle (asyncio clears
+    a cancelled handle's callback) and the tickets. A closure that re-armed itself was a cycle
+    (the function in its own cell) holding the request's decoded clips until Python's cyclic
+    collector ran: hundreds of clips, tens of MB, under sustained load (docs/PERFORMANCE.md).
+    """
+
+    __slots__ = ("batcher", "since", "tickets", "timer")
+
+    def __init__(self, batcher: Batcher, tickets: list[Ticket]) -> None:
+        self.batcher: Batcher | None = batcher
+        self.tickets = tickets
+        self.since = time.perf_counter()  # the body is read and its decoding started
+        loop = asyncio.get_running_loop()
+        self.timer: asyncio.TimerHandle | None = loop.call_later(
+            min(batcher.timeout_s, batcher.decode_timeout_s), self.check
+        )
+
+    def check(self) -> None:
+        self.timer = None
+        if self.batcher is None:
+            return
+        again = self.batcher._expire(self.tickets, self.since)
+        if again is not None:
+            self.timer = asyncio.get_running_loop().call_later(again, self.check)
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.batcher, self.tickets = None, []
+
+
 class Batcher:
     def __init__(
         self,
@@ -218,16 +254,7 @@ class Batcher:
         """
         # One timer per request on the loop, not a wait_for per clip: each layer of futures
         # between the worker's answer and this coroutine is another turn of the event loop.
-        loop = asyncio.get_running_loop()
-        timer: asyncio.TimerHandle | None = None
-        since = time.perf_counter()  # the body is read and its decoding started
-
-        def check() -> None:
-            nonlocal timer
-            again = self._expire(tickets, since)
-            timer = None if again is None else loop.call_later(again, check)
-
-        timer = loop.call_later(min(self.timeout_s, self.decode_timeout_s), check)
+        expiry = _Expiry(self, tickets)
         try:
             return [await t.future for t in tickets]
         except BaseException:  # timed out, failed, or the caller went away: withdraw what is still queued
@@ -236,8 +263,7 @@ class Batcher:
                 t.future.add_done_callback(_retrieve)
             raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            expiry.cancel()
 
     def _expire(self, tickets: list[Ticket], since: float) -> float | None:
         """On the loop: fail the request's clips that waited in the queue past their deadline (a
@@ -367,7 +393,7 @@ class Batcher:
             while self._queue and len(batch) < self.max_batch_size:
                 head = self._queue[0]
                 if head.cancelled or head.future.done():
-                    self._queue.popleft()
+                    self._queue.popleft().clip = _NO_CLIP  # a failed request's ticket may live on in a cycle
                     self._dropped("cancelled")
                     continue
                 if now > head.deadline:
@@ -434,6 +460,8 @@ class Batcher:
 
     @staticmethod
     def _settle(pending: Ticket, result: Result | None = None, exc: Exception | None = None) -> None:
+        pending.clip = _NO_CLIP  # answered: its frames need not live as long as the request does
+
         def apply() -> None:
             if pending.future.done():
                 return

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 import pytest
@@ -453,3 +454,47 @@ def test_share_from_must_be_positive() -> None:
             timeout_s=1,
             share_from=0,
         )
+
+
+def test_an_answered_request_leaves_no_cycle_holding_its_clip() -> None:
+    """Its decoded frames are freed when the request ends, not when Python's cyclic collector next runs:
+    a deadline timer that re-armed itself through a closure kept hundreds of clips alive under load."""
+
+    async def main() -> None:
+        model = FakeModel()
+        b, _, _ = make(model, timeout_s=0.05)
+        answered = clip(2)
+        alive = [weakref.ref(answered)]
+        await b.submit(answered)
+        del answered
+        # a timer that re-arms: the clip is queued after the first check, then waits out its deadline
+        model.gate.clear()
+        running = asyncio.ensure_future(b.submit(clip(1)))  # holds the worker inside the model
+        await until(lambda: model.entered == 1)
+        tickets = b.tickets(1, asyncio.get_running_loop())
+        late = clip(3)
+        alive.append(weakref.ref(late))
+        waiting = asyncio.ensure_future(b.wait(tickets))
+        await asyncio.sleep(0.03)
+        b.enqueue(tickets, [late])
+        del late, tickets
+        try:
+            await waiting
+        except TimedOut:
+            pass
+        else:
+            raise AssertionError("the late clip should have waited out its deadline")
+        del waiting
+        model.gate.set()
+        await running
+        del running
+        await until(lambda: b.depth == 0)  # the worker has dropped the timed-out clip from its queue
+        assert [ref() is None for ref in alive] == [True, True]
+        await b.close()
+
+    gc.collect()
+    gc.disable()
+    try:
+        asyncio.run(main())
+    finally:
+        gc.enable()
