@@ -57,7 +57,8 @@ class Metrics:
         )
         self.heap_bytes = Gauge(
             "fusionserve_heap_bytes",
-            "glibc heap of the server's process: bytes in blocks in use, and free bytes held for reuse",
+            "malloc heap of the server's process (glibc, or jemalloc when preloaded): "
+            "bytes in blocks in use, and free bytes held for reuse",
             ["state"],
             registry=r,
         )

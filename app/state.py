@@ -25,7 +25,7 @@ from app.errors import not_found, not_ready
 from app.metrics import Metrics
 from app.runtime import CpuThreads, ModelRuntime, load_runtimes, pick_device
 from app.settings import Settings
-from models.system import HeapRelease, heap_part, heap_usage, release_free_memory
+from models.system import HeapRelease, allocator, heap_part, heap_usage, release_free_memory
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -108,9 +108,10 @@ class Service:
         runtimes = load_runtimes(s.checkpoint, device, s.precision, s.cuda_graphs, s.compile, s.encoder_pass_pixels)
         threads = CpuThreads(torch.get_num_threads())  # one budget for every model's forward passes
         # one heap for every model: free memory handed back now and then after answered batches, and once idle
-        self.release = release = HeapRelease(s.memory_trim_s if device.type == "cpu" else 0)
+        self.release = release = HeapRelease.for_allocator(s.memory_trim_s if device.type == "cpu" else 0)
         self.metrics.memory_trims.set_function(partial(getattr, release, "trims"))
-        if heap_usage() is not None:  # glibc: what the heap holds, in use against free (fragmentation)
+        log.info("heap allocator: %s", allocator())
+        if heap_usage() is not None:  # glibc or jemalloc: what the heap holds, in use against free (fragmentation)
             for i, state in enumerate(("in_use", "free")):
                 self.metrics.heap_bytes.labels(state).set_function(partial(heap_part, i))
         for name, runtime in runtimes.items():

@@ -1,12 +1,14 @@
 """``python -m bench heap``: what the server's heap holds under sustained load, from inside its process.
 
-The server runs in this process (uvicorn in a thread, as ``python -m app`` serves) so that glibc's
-own counts (``mallinfo2``) can be read often enough to see the peak of the memory in use: a
+The server runs in this process (uvicorn in a thread, as ``python -m app`` serves) so that the
+allocator's own counts (glibc's ``mallinfo2``, or jemalloc's statistics when it is preloaded into
+this process) can be read often enough to see the peak of the memory in use: a
 thread samples the bytes in use every ``--peak-interval`` s (5 ms) and keeps the largest. Every
 ``--interval`` s a row records RSS, the heap's size, what of it is in use and free, and that peak.
 The load is ``wrk`` (closed loop, its own process, so its memory is not counted here) posting
 16-frame JPEG clips. When the heap keeps growing after the peak in use has stopped rising, what
-grows is fragmentation: heap that is free, resident, and too split up to take the next large block.
+grows is fragmentation: heap that is free, resident, and too split up to take the next large block
+(or garbage the cyclic collector has not freed yet, which the in-use count includes).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def serve_in_thread(settings: dict[str, Any]) -> tuple[uvicorn.Server, threading
 
 def run(args: argparse.Namespace) -> int:
     if heap_stats() is None:
-        raise SystemExit("bench heap needs glibc 2.33+ (mallinfo2)")
+        raise SystemExit("bench heap needs glibc 2.33+ (mallinfo2) or a preloaded jemalloc")
     if not wrk.available():
         raise SystemExit("bench heap needs wrk (Debian package wrk) as the load generator")
     settings: dict[str, Any] = {"checkpoint": resolve_checkpoint(args.checkpoint)}

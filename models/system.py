@@ -29,9 +29,10 @@ def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 31, ar
     mapped afresh whatever the threshold: the server's forward pass runs in a worker
     thread, where batches of 8 seed-sized clips ran at 0.55-0.7x the main thread's speed.
     One arena (``arenas=1``) puts every thread on the main heap. Call this before other
-    threads start. Returns False where glibc is absent.
+    threads start. Returns False where glibc is absent, or where another allocator (jemalloc,
+    preloaded) serves ``malloc`` and glibc's settings would change nothing.
     """
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or allocator() == "jemalloc":
         return False
     name = ctypes.util.find_library("c")
     if name is None:
@@ -54,7 +55,10 @@ def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 31, ar
 
 
 def release_free_memory() -> bool:
-    """Give freed heap memory back to the system (glibc ``malloc_trim``), e.g. after warm-up's large batches."""
+    """Give freed heap memory back to the system, e.g. after warm-up's large batches: glibc's
+    ``malloc_trim``, or under jemalloc (preloaded) a purge of every arena's unused pages."""
+    if allocator() == "jemalloc":
+        return _mallctl_write(f"arena.{_JEMALLOC_ALL_ARENAS}.purge")
     name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
     if name is None:
         return False
@@ -62,6 +66,52 @@ def release_free_memory() -> bool:
         return bool(ctypes.CDLL(name).malloc_trim(0))
     except (OSError, AttributeError):
         return False
+
+
+_JEMALLOC_ALL_ARENAS = 4096  # MALLCTL_ARENAS_ALL: "arena.<i>.*" applied to every arena
+
+
+@functools.cache
+def allocator() -> str:
+    """The allocator behind ``malloc`` in this process: "jemalloc" (preloaded, ``LD_PRELOAD``),
+    "glibc" (2.33+, which ``mallinfo2`` needs), or "other"."""
+    if _mallctl() is not None:
+        return "jemalloc"
+    return "glibc" if _mallinfo2() is not None else "other"
+
+
+@functools.cache
+def _mallctl() -> Any:
+    try:
+        fn = ctypes.CDLL(None).mallctl
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p, ctypes.c_size_t]
+    return fn
+
+
+def _mallctl_write(name: str, value: ctypes._SimpleCData | None = None) -> bool:
+    fn = _mallctl()
+    if fn is None:
+        return False
+    new, size = (None, 0) if value is None else (ctypes.byref(value), ctypes.sizeof(value))
+    return fn(name.encode(), None, None, new, size) == 0
+
+
+def _jemalloc_stats() -> tuple[int, int, int] | None:
+    """(resident, allocated, resident - allocated) bytes after refreshing jemalloc's counters."""
+    fn = _mallctl()
+    if fn is None or not _mallctl_write("epoch", ctypes.c_uint64(1)):
+        return None
+    values = []
+    for name in (b"stats.resident", b"stats.allocated"):
+        value, size = ctypes.c_size_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t))
+        if fn(name, ctypes.byref(value), ctypes.byref(size), None, 0) != 0:
+            return None
+        values.append(int(value.value))
+    resident, allocated = values
+    return resident, allocated, max(0, resident - allocated)
 
 
 class _MallInfo2(ctypes.Structure):
@@ -72,21 +122,25 @@ class _MallInfo2(ctypes.Structure):
 
 
 def heap_part(index: int) -> float:
-    """``heap_usage()[index]`` (0: in use, 1: free), 0 without glibc: for a gauge's callback."""
+    """``heap_usage()[index]`` (0: in use, 1: free), 0 where the allocator cannot tell: for a gauge's callback."""
     usage = heap_usage()
     return float(usage[index]) if usage is not None else 0.0
 
 
 def heap_usage() -> tuple[int, int] | None:
-    """(bytes in use, bytes free) of glibc's heaps (``mallinfo2``, every arena, not counting blocks
-    mapped on their own), or None without glibc 2.33+. Free bytes are heap that no block uses: held
-    for reuse, resident until touched by a trim, and the measure of fragmentation under load."""
+    """(bytes in use, bytes free) of the heap, or None where the allocator cannot tell. Free bytes are
+    heap that no block uses: held for reuse, resident until a trim (or purge) hands them back, and
+    the measure of fragmentation under load."""
     stats = heap_stats()
     return None if stats is None else (stats[1], stats[2])
 
 
 def heap_stats() -> tuple[int, int, int] | None:
-    """(heap size, bytes in use, bytes free) of glibc's heaps, as ``heap_usage``; None without glibc 2.33+."""
+    """(heap size, bytes in use, bytes free), as ``heap_usage``. glibc 2.33+: ``mallinfo2`` over every
+    arena, not counting blocks mapped on their own; jemalloc: its resident bytes (metadata included)
+    and allocated bytes. None with another allocator."""
+    if allocator() == "jemalloc":
+        return _jemalloc_stats()
     info = _mallinfo2()
     if info is None:
         return None
@@ -119,10 +173,20 @@ class HeapRelease:
     sawtooth, and the next passes fault in what they touch again, once per interval. A daemon
     thread (``start``/``close``) trims once more when no batch has run for ``interval_s``, so
     a server that went quiet holds only what is in use. ``trims`` counts both kinds.
+
+    ``periodic=False`` keeps only the trim once idle: under jemalloc (preloaded, with its pages
+    kept: ``MALLOC_CONF=dirty_decay_ms:-1``, as the container runs) the heap does not grow past
+    its working set, and a trim under load would only make the next passes fault their memory in
+    again. ``for_allocator`` picks it.
     """
 
-    def __init__(self, interval_s: float) -> None:
+    @classmethod
+    def for_allocator(cls, interval_s: float) -> HeapRelease:
+        return cls(interval_s, periodic=allocator() != "jemalloc")
+
+    def __init__(self, interval_s: float, periodic: bool = True) -> None:
         self.interval_s = interval_s
+        self.periodic = periodic
         self.trims = 0
         self._last_trim = self._last_batch = time.monotonic()
         self._pending = False  # a batch ran since the last trim
@@ -137,7 +201,7 @@ class HeapRelease:
         now = time.monotonic()
         with self._lock:
             self._last_batch = now
-            if now - self._last_trim < self.interval_s:
+            if not self.periodic or now - self._last_trim < self.interval_s:
                 self._pending = True
                 return False
             self._trimmed(now)
