@@ -25,6 +25,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     FUSIONSERVE_HOST=0.0.0.0 \
     FUSIONSERVE_PORT=8000
+# jemalloc serves malloc, keeping its freed pages for reuse (no decay): under sustained load its heap
+# stays at the working set where glibc's fragments; the server purges it once idle (docs/PERFORMANCE.md)
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libjemalloc2 \
+ && rm -rf /var/lib/apt/lists/* \
+ && ln -s "$(ls /usr/lib/*-linux-gnu/libjemalloc.so.2)" /usr/lib/libjemalloc.so.2
+ENV LD_PRELOAD=/usr/lib/libjemalloc.so.2 \
+    MALLOC_CONF=dirty_decay_ms:-1
 RUN useradd --system --uid 10001 --create-home --home-dir /home/fusionserve fusionserve
 COPY --from=build /opt/venv /opt/venv
 USER fusionserve
