@@ -66,6 +66,7 @@ class Result:
     queue_s: float
     inference_s: float
     batch_size: int
+    frames: int  # the clip's frames (the ticket lets go of them once answered)
 
 
 @dataclass(frozen=True)
@@ -456,7 +457,8 @@ class Batcher:
         except Exception:
             log.exception("batcher %s: batch statistics callback failed", self.name)
         for pending, row in zip(batch, probs, strict=True):
-            self._settle(pending, Result(row, started - pending.enqueued, spent, len(batch)))
+            result = Result(row, started - pending.enqueued, spent, len(batch), int(pending.clip.shape[0]))
+            self._settle(pending, result)
 
     @staticmethod
     def _settle(pending: Ticket, result: Result | None = None, exc: Exception | None = None) -> None:

@@ -138,7 +138,7 @@ async def predict_with(
         label=labels[order[0]],
         probabilities=dict(zip(labels, probs, strict=True)),
         top_k=[TopK(label=labels[i], probability=probs[i]) for i in order[:top_k]],
-        frames=int(ticket.clip.shape[0]),
+        frames=result.frames,
         timing_ms=Timing(
             decode=ms(decoded - started),
             queue=ms(result.queue_s),
