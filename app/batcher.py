@@ -121,17 +121,17 @@ class _Expiry:
     """A request's deadline timer on the event loop: ``Batcher._expire`` when it fires, re-armed
     until none of the request's clips waits.
 
-    No reference cycle outlives the request: ``cancel`` drops the loop's handle (asyncio clears
-    a cancelled handle's callback) and the tickets. A closure that re-armed itself was a cycle
-    (the function in its own cell) holding the request's decoded clips until Python's cyclic
-    collector ran: hundreds of clips, tens of MB, under sustained load (docs/PERFORMANCE.md).
+    No reference cycle outlives the request: ``cancel`` cancels the loop's handle, and asyncio
+    clears a cancelled handle's callback (the one reference back to this object). A closure that
+    re-armed itself was a cycle (the function in its own cell) holding the request's decoded clips
+    until Python's cyclic collector ran: hundreds of clips, tens of MB, under sustained load
+    (docs/PERFORMANCE.md).
     """
 
     __slots__ = ("batcher", "since", "tickets", "timer")
 
     def __init__(self, batcher: Batcher, tickets: list[Ticket]) -> None:
-        self.batcher: Batcher | None = batcher
-        self.tickets = tickets
+        self.batcher, self.tickets = batcher, tickets
         self.since = time.perf_counter()  # the body is read and its decoding started
         loop = asyncio.get_running_loop()
         self.timer: asyncio.TimerHandle | None = loop.call_later(
@@ -140,8 +140,6 @@ class _Expiry:
 
     def check(self) -> None:
         self.timer = None
-        if self.batcher is None:
-            return
         again = self.batcher._expire(self.tickets, self.since)
         if again is not None:
             self.timer = asyncio.get_running_loop().call_later(again, self.check)
@@ -150,7 +148,6 @@ class _Expiry:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.batcher, self.tickets = None, []
 
 
 class Batcher:
