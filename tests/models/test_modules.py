@@ -168,6 +168,32 @@ def test_uint8_and_float_frames_give_the_same_logits() -> None:
         torch.testing.assert_close(model(frames, torch.tensor([4])), model(frames.float() / 255, torch.tensor([4])))
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_normalize_is_the_configured_mean_and_std_in_the_configured_layout(
+    dtype: torch.dtype, channels_last: bool
+) -> None:
+    cfg = ModelConfig(
+        5,
+        SMALL,
+        LSTMHeadConfig(hidden=12),
+        image_size=16,
+        mean=(0.2, 0.4, 0.6),
+        std=(0.1, 0.3, 0.5),
+        channels_last=channels_last,
+    )
+    model = build_model(cfg)
+    frames = clip_batch(cfg, [3, 2], dtype)
+    unit = frames.float() / 255 if dtype == torch.uint8 else frames
+    expected = (unit - torch.tensor(cfg.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.std).view(1, 3, 1, 1)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    for given in (frames, frames.contiguous(memory_format=torch.channels_last)):  # as sent, and as decoded
+        x = model.normalize(given)
+        assert x.dtype == torch.float32
+        assert x.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(x, expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("preset", preset_names())
 def test_presets_build_the_seed_cnn_with_their_head(preset: str) -> None:
     cfg = preset_config(preset, num_classes=8, image_size=32)
