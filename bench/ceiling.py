@@ -183,9 +183,18 @@ def preprocessing_costs(spec: dict[str, Any], min_time: float) -> list[dict[str,
         def decode_resize(blobs: list[bytes] = blobs) -> list[np.ndarray]:
             return [decode_image(b, limits, i) for i, b in enumerate(blobs)]
 
+        def pillow_decode_resize(blobs: list[bytes] = blobs) -> list[np.ndarray]:
+            out = []
+            for b in blobs:  # the server's way before simplejpeg: Pillow's draft mode, then a resize
+                with Image.open(io.BytesIO(b)) as img:
+                    img.draft("RGB", (limits.width, limits.height))
+                    out.append(np.asarray(img.convert("RGB").resize((limits.width, limits.height))))
+            return out
+
         arrays = decode_resize()
         steps = {
             "decode (full size, Pillow)": full_decode,
+            "decode at model size + resize (Pillow draft)": pillow_decode_resize,
             "decode at model size + resize (server)": decode_resize,
             "to tensor (T, C, H, W)": lambda arrays=arrays: frames_to_clip(arrays),
         }

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from tests.app.conftest import encode, live_server, multipart_frames, synth_clip
+from tests.app.test_decode import claim_size
 
 KEY = "s3cret-test-key"
 
@@ -85,6 +86,13 @@ def test_decompression_bomb(server: str) -> None:
     assert len(buf.getvalue()) < 1024 * 1024
     r = httpx.post(f"{server}/predict", files=multipart_frames([buf.getvalue()], "png"))
     expect_error(r, 413, "too_large", server)
+
+
+def test_jpeg_bomb_is_refused_from_its_header(server: str) -> None:
+    data = claim_size(frames(1)[0], 20000, 20000)  # a 64x64 JPEG whose header claims 400 Mpixel
+    r = httpx.post(f"{server}/predict", files=multipart_frames([data]))
+    expect_error(r, 413, "too_large", server)
+    assert "20000x20000" in r.json()["error"]["message"]
 
 
 def test_wrong_content_type(server: str) -> None:
