@@ -22,6 +22,13 @@ runs the same number of clips (the largest size's: 32 single clips against one b
 sample, a 10 ms call could often fall entirely in a fast moment and a 400 ms one rarely,
 which made small batches look up to 1.7x faster than large ones that sustained the same
 rate (docs/PERFORMANCE.md).
+
+The same measurement sets when a second instance (``INSTANCES``, CPU) starts beside a busy
+one (``share_from``): once a quarter of a batch waits when batching gains more than the
+tolerance over single clips, so that such a model keeps batching under load; at once when
+it does not, because two single-threaded passes side by side then beat one pass on both
+threads (a flat seed model on 2 cores: 1.23x the clips/s at c=8 with single clips on two
+instances, against batches of 4 on one; docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ class Choice:
     clip_frames: int
     budget_ms: float
     measured: dict[int, dict[str, float]] = field(default_factory=dict)  # batch -> {ms, clips_per_s}
+    batching_gain: float = 1.0  # the best size's clips/s within the budget over single clips'
+    share_from: int = 1  # clips waiting before a second instance starts beside a busy one
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +63,8 @@ class Choice:
             "max_batch_frames": self.max_batch_frames,
             "clip_frames": self.clip_frames,
             "latency_budget_ms": self.budget_ms,
+            "batching_gain": self.batching_gain,
+            "share_from": self.share_from,
             "measured": {str(b): m for b, m in self.measured.items()},
         }
 
@@ -113,11 +124,15 @@ def choose_batch_limits(
     within = [size for size, t in fastest.items() if size == 1 or t * 1000 <= budget_ms]
     top_rate = max(size / fastest[size] for size in within)
     best = max(size for size in within if size / fastest[size] >= (1 - tolerance) * top_rate)
-    choice = Choice(best, best * frames, frames, budget_ms, measured)
+    gain = top_rate * fastest[1]  # clips/s over single clips' (1 / fastest[1])
+    share_from = max(1, best // 4) if gain > 1 + tolerance else 1
+    choice = Choice(best, best * frames, frames, budget_ms, measured, round(gain, 3), share_from)
     log.info(
-        "batch limits by measurement: %d clips, %d frames (%s)",
+        "batch limits by measurement: %d clips, %d frames, a second instance from %d waiting (gain %.2fx; %s)",
         best,
         best * frames,
+        share_from,
+        gain,
         ", ".join(f"{b}: {m['clips_per_s']} clips/s" for b, m in measured.items()),
     )
     return choice

@@ -57,7 +57,8 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="with INSTANCES above 1, clips that must wait before a second forward pass starts beside "
-        "a busy one; default: a quarter of the batch limit",
+        "a busy one; default: a quarter of the batch limit, or 1 where the warm-up measured no gain from "
+        "batching (over 20%)",
     )
     encoder_pass_pixels: int = Field(
         PASS_PIXELS,

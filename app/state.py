@@ -128,8 +128,9 @@ class Service:
                 # on CUDA the forward is queued, not waited for: copy the next batch meanwhile
                 launch=runtime.launch if device.type == "cuda" else None,
                 workers=self.instances(device),
-                # a second instance starts beside a busy one once a quarter of a batch waits
-                share_from=s.share_from or max(1, size // 4),
+                # a second instance starts beside a busy one once a quarter of a batch waits, or at
+                # once where the warm-up measured no gain from batching (app.autotune)
+                share_from=s.share_from or (tuning["share_from"] if tuning else max(1, size // 4)),
                 max_batch_size=size,
                 max_batch_frames=frames,
                 max_delay_s=s.max_batch_delay_ms / 1000,

@@ -32,6 +32,8 @@ def test_a_large_fixed_overhead_favours_big_batches() -> None:
     )
     assert choice.max_batch_size == 64 and choice.max_batch_frames == 256
     assert choice.measured[64]["clips_per_s"] > 5 * choice.measured[1]["clips_per_s"]
+    # batching pays: a second instance starts only once a quarter of a batch waits
+    assert choice.batching_gain > 5 and choice.share_from == 16
 
 
 def test_flat_throughput_takes_the_largest_batch_within_the_budget() -> None:
@@ -40,6 +42,8 @@ def test_flat_throughput_takes_the_largest_batch_within_the_budget() -> None:
     choice = choose_batch_limits(fake_forward(0, 10), frames=8, shape=(1, 2, 2), budget_ms=200, repeats=2)
     assert choice.max_batch_size == 16  # 16 clips take 160 ms; 32 take 320, over the budget
     assert max(choice.measured) == 32
+    # no gain from batching: a second instance starts beside a busy one as soon as a clip waits
+    assert choice.batching_gain < 1.2 and choice.share_from == 1
 
 
 def slower_past(knee: int, per_clip_ms: float):  # type: ignore[no-untyped-def]
@@ -105,9 +109,14 @@ def test_server_reports_its_tuning_and_explicit_limits_win(default_ckpt: Path) -
         assert batching["max_batch_size"] == tuning["max_batch_size"]
         assert batching["max_batch_frames"] == tuning["max_batch_frames"] == tuning["max_batch_size"] * 16
         assert "1" in tuning["measured"] and tuning["measured"]["1"]["clips_per_s"] > 0
+        # the second instance's start follows the measured gain from batching
+        expected = max(1, tuning["max_batch_size"] // 4) if tuning["batching_gain"] > 1.2 else 1
+        assert batching["share_from"] == tuning["share_from"] == expected
     with live_server(checkpoint=default_ckpt, max_batch_size=5, max_batch_frames=40) as url:
         batching = httpx.get(f"{url}/models/moving-digits-lstm").json()["batching"]
         assert (batching["max_batch_size"], batching["max_batch_frames"], batching["autotuned"]) == (5, 40, False)
     with live_server(checkpoint=default_ckpt, max_batch_size=3) as url:  # the frame limit follows the clip limit
         batching = httpx.get(f"{url}/models/moving-digits-lstm").json()["batching"]
         assert (batching["max_batch_size"], batching["max_batch_frames"], batching["autotuned"]) == (3, 48, False)
+    with live_server(checkpoint=default_ckpt, share_from=2) as url:  # an explicit SHARE_FROM wins
+        assert httpx.get(f"{url}/models/moving-digits-lstm").json()["batching"]["share_from"] == 2
