@@ -20,7 +20,10 @@ it includes the end of the batch before it.
 ``app.runtime.CpuThreads``). A worker starts a batch when no other is busy, or, while
 another is, only once ``share_from`` clips (or a full batch of frames) are waiting: a
 model whose clips/s grows with the batch keeps gathering batches under load instead of
-two workers splitting the queue into single clips.
+two workers splitting the queue into single clips. With ``share_from`` 1 (a model that
+does not gain from batching) a worker takes only its share of what waits, split among
+itself and the idle workers, so that one worker does not take the whole queue while
+another has nothing to do.
 
 ``after_batch`` runs in the worker once a batch's clips are answered (housekeeping, such
 as handing free heap memory back: ``models.system.HeapRelease``).
@@ -388,7 +391,11 @@ class Batcher:
             batch: list[Ticket] = []
             frames = 0
             now = time.perf_counter()
-            while self._queue and len(batch) < self.max_batch_size:
+            limit = self.max_batch_size
+            if self.share_from == 1:  # an even share for this worker and each idle one
+                idle = max(1, self.workers - self._busy)
+                limit = min(limit, -(-len(self._queue) // idle))
+            while self._queue and len(batch) < limit:
                 head = self._queue[0]
                 if head.cancelled or head.future.done():
                     self._queue.popleft().clip = _NO_CLIP  # a failed request's ticket may live on in a cycle
@@ -407,6 +414,8 @@ class Batcher:
                 frames += n
             if batch:
                 self._busy += 1
+                if self._queue:
+                    self._cond.notify()  # what is left may be another worker's (its share, or share_from)
             return batch
 
     def _dropped(self, reason: str) -> None:

@@ -442,6 +442,25 @@ def test_a_second_worker_starts_beside_a_busy_one_only_once_share_from_clips_wai
     asyncio.run(main())
 
 
+@pytest.mark.parametrize(("share_from", "sizes"), [(1, [1, 3, 3]), (2, [1, 6])])
+def test_with_share_from_1_the_idle_workers_split_what_waits(share_from: int, sizes: list[int]) -> None:
+    async def main() -> None:
+        model = FakeModel()
+        b, stats, _ = make(model, workers=3, share_from=share_from, max_batch_size=32)
+        model.gate.clear()  # every batch holds its worker until the gate opens
+        first = asyncio.ensure_future(b.submit(clip(1, 1)))
+        await until(lambda: model.entered == 1)
+        six = asyncio.ensure_future(b.submit_many([clip(1, v) for v in range(2, 8)]))  # queued at once
+        await until(lambda: model.entered == len(sizes) and b.depth == 0)
+        model.gate.set()
+        await asyncio.gather(first, six)
+        # share_from 1: two idle workers take three clips each; otherwise the first to wake takes all six
+        assert sorted(s.size for s in stats) == sizes
+        await b.close()
+
+    asyncio.run(main())
+
+
 def test_share_from_must_be_positive() -> None:
     with pytest.raises(ValueError, match="share_from"):
         Batcher(
