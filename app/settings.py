@@ -58,7 +58,7 @@ class Settings(BaseSettings):
         ge=1,
         description="with INSTANCES above 1, clips that must wait before a second forward pass starts beside "
         "a busy one; default: a quarter of the batch limit, or 1 where the warm-up measured no gain from "
-        "batching (over 20%)",
+        "batching (above 1.2x)",
     )
     encoder_pass_pixels: int = Field(
         PASS_PIXELS,
