@@ -43,6 +43,7 @@ def picture(height: int, width: int, seed: int = 0) -> np.ndarray:
 VARIANTS: dict[str, dict[str, Any]] = {
     "baseline-420": {"quality": 90},
     "baseline-444": {"quality": 95, "subsampling": 0},
+    "baseline-422": {"quality": 75, "subsampling": 1},
     "progressive": {"quality": 80, "progressive": True},
 }
 
