@@ -55,7 +55,7 @@ def draft_scale(width: int, height: int, limits: InputLimits) -> int:
 def decode_jpeg(data: bytes, limits: InputLimits, index: int) -> np.ndarray | None:
     """A JPEG in YCbCr, RGB or grey through libjpeg-turbo's own interface (simplejpeg) -> uint8
     (H, W, C) at the decoded scale, the same pixels as Pillow's decoder at 4x its speed on
-    64x64 frames (26 against 115 us; docs/PERFORMANCE.md), without the interpreter lock.
+    64x64 frames (26-30 against 120 us; docs/PERFORMANCE.md), without the interpreter lock.
 
     None for whatever it does not take (not a JPEG, CMYK, or any error, a warning included):
     Pillow decodes those, or says what is wrong with them.
