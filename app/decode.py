@@ -83,18 +83,8 @@ def decode_jpeg(data: bytes, limits: InputLimits, index: int) -> np.ndarray | No
         return None
 
 
-def decode_image(data: bytes, limits: InputLimits, index: int) -> np.ndarray:
-    """One encoded image -> uint8 (H, W, C) at the model's size."""
-    if not data:
-        raise bad_input(f"frame {index} is empty")
-    arr = decode_jpeg(data, limits, index)
-    if arr is not None:
-        if arr.shape[:2] != (limits.height, limits.width):
-            resized = Image.fromarray(arr[..., 0] if limits.channels == 1 else arr).resize(
-                (limits.width, limits.height), Image.Resampling.BILINEAR
-            )
-            arr = np.asarray(resized, dtype=np.uint8)
-        return arr[..., None] if arr.ndim == 2 else arr
+def pillow_image(data: bytes, limits: InputLimits, index: int) -> Image.Image:
+    """One encoded image of any supported format, decoded by Pillow in the model's mode (RGB or L)."""
     try:  # the explicit pixel check guards against decompression bombs before any pixel is decoded
         opened = Image.open(io.BytesIO(data))
         if opened.format not in IMAGE_FORMATS:
@@ -106,17 +96,30 @@ def decode_image(data: bytes, limits: InputLimits, index: int) -> np.ndarray:
         opened.draft(mode, (limits.width, limits.height))  # JPEG: decode at a reduced scale
         opened.load()
         # convert() copies even when the mode already matches (JPEG decodes straight to RGB or L)
-        img = opened if opened.mode == mode else opened.convert(mode)
-        if img.size != (limits.width, limits.height):
-            img = img.resize((limits.width, limits.height), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
+        return opened if opened.mode == mode else opened.convert(mode)
     except ApiError:
         raise
     except Image.DecompressionBombError as exc:  # Pillow's own guard, past twice its pixel limit
         raise too_large(f"frame {index} is a decompression bomb ({exc})") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise bad_input(f"frame {index} is not a decodable image ({exc})") from exc
-    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def decode_image(data: bytes, limits: InputLimits, index: int) -> np.ndarray:
+    """One encoded image -> uint8 (H, W, C) at the model's size."""
+    if not data:
+        raise bad_input(f"frame {index} is empty")
+    arr = decode_jpeg(data, limits, index)
+    if arr is None:
+        img = pillow_image(data, limits, index)
+    elif arr.shape[:2] == (limits.height, limits.width):
+        return arr
+    else:
+        img = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+    if img.size != (limits.width, limits.height):
+        img = img.resize((limits.width, limits.height), Image.Resampling.BILINEAR)
+    out = np.asarray(img, dtype=np.uint8)
+    return out[..., None] if out.ndim == 2 else out
 
 
 def image_frames(blobs: list[bytes], limits: InputLimits) -> np.ndarray:
