@@ -23,10 +23,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -34,7 +35,12 @@ from app.decode import InputLimits
 from models import Checkpoint, CheckpointError, load_checkpoint
 from models.encoders import fold_batchnorm
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+# torch's intra-op threads as the process started (its own default, or OMP_NUM_THREADS), read
+# before CpuThreads holds every thread but its lane at one
+STARTUP_THREADS = torch.get_num_threads()
 
 # On the CPU the encoder takes at most this many input pixels per pass: 64 frames of 64x64.
 # For the seed-shaped model a batch of 32 clips (512 frames) in one pass peaked at 860 MB of
@@ -81,29 +87,95 @@ def bucket(clips: int) -> int:
 class CpuThreads:
     """torch's intra-op threads, shared among the CPU forward passes that run at the same time.
 
-    ``torch.set_num_threads`` sets the OpenMP team size of the calling thread only, so each
-    forward takes its share just before it starts: a pass that runs alone uses every thread
-    (lowest latency), two at once (``INSTANCES=2``, or two models) use half each instead of
-    twice as many threads as cores waiting for one another at every parallel region.
+    A pass that runs alone gets every thread (lowest latency); two at once (``INSTANCES=2``, or two
+    models) get half each, instead of twice as many threads as cores waiting for one another at
+    every parallel region.
+
+    With ``wide_lane`` (the default), a pass that gets every thread runs on one thread kept for
+    that. libgomp, torch's OpenMP, keeps a team of worker threads for each thread that ever ran a
+    parallel region on more than one thread, and once those teams together hold more threads than
+    there are cores, its workers stop spinning between parallel regions and sleep instead: on 2
+    cores a 2-thread pass of the seed model at batch 1 then ran 1.5x slower (140 against 209
+    clips/s, docs/PERFORMANCE.md). Here only the lane ever runs more than one thread, and every
+    other thread of the server is held at one (``torch.set_num_threads(1)`` also sets the count
+    threads started later take), so on 2 cores the one team stays within the cores. A pass that
+    shares runs on its caller's thread, at its share. A pass that would start beside one on the
+    lane waits for it instead: a 2-thread team beside a 1-thread pass on 2 cores, its workers
+    spinning, cost the server up to 5% of its clips/s under load and doubled p99 at c=8.
+
+    Without the lane each pass sets its caller's team size just before it starts.
     """
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, wide_lane: bool = True) -> None:
         self.total = max(1, total)
-        self._running = 0
-        self._lock = threading.Lock()
+        self._running = 0  # passes running
+        self._waiting = 0  # passes waiting for the one on the lane
+        self._wide = False  # a pass runs on the lane
+        self._cond = threading.Condition()
+        self._lane: ThreadPoolExecutor | None = None
+        if wide_lane and self.total > 1:
+            self._lane = ThreadPoolExecutor(1, thread_name_prefix="torch-wide", initializer=self._size_lane)
+            self._lane.submit(torch.get_num_threads).result()  # started and sized before the others drop to one
+            torch.set_num_threads(1)  # this thread, and the default of threads started from now on
 
-    @contextlib.contextmanager
-    def share(self) -> Iterator[int]:
-        with self._lock:
+    def _size_lane(self) -> None:
+        torch.set_num_threads(self.total)
+        torch.get_num_threads()  # torch's per-thread lazy set-up, done now: later it would take the default
+
+    @property
+    def wide_lane(self) -> bool:
+        return self._lane is not None
+
+    @property
+    def waiting(self) -> int:
+        """Passes waiting for the one on the lane to finish."""
+        return self._waiting
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` at this pass's share of the threads: on the lane when it gets them all."""
+        if self._lane is None:
+            return self._run_here(fn, args)
+        with self._cond:
+            # a pass on every thread is not joined by another, which would put one thread more than
+            # there are cores to work beside its spinning team: wait for it (it is the faster of the two)
+            self._waiting += 1
+            while self._wide:
+                self._cond.wait()
+            self._waiting -= 1
+            self._running += 1
+            wide = self._wide = self._running == 1 and self._waiting == 0
+            threads = self.total if wide else max(1, self.total // (self._running + self._waiting))
+        try:
+            if wide:
+                return self._lane.submit(fn, *args).result()
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            return fn(*args)
+        finally:
+            with self._cond:
+                self._running -= 1
+                if wide:
+                    self._wide = False
+                    self._cond.notify_all()
+
+    def _run_here(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        with self._cond:
             self._running += 1
             threads = max(1, self.total // self._running)
         torch.set_num_threads(threads)
         try:
-            yield threads
+            return fn(*args)
         finally:
-            with self._lock:
+            with self._cond:
                 self._running -= 1
             # set_num_threads also sets the default of threads started later: leave that at the total
+            torch.set_num_threads(self.total)
+
+    def close(self) -> None:
+        """Stop the lane; threads started from now on take the whole count again."""
+        if self._lane is not None:
+            self._lane.shutdown(wait=True)
+            self._lane = None
             torch.set_num_threads(self.total)
 
 
@@ -200,6 +272,10 @@ class ModelRuntime:
             logits = self.checkpoint.model(frames, lengths)
         return logits.float().softmax(dim=-1)
 
+    @torch.inference_mode()  # on whichever thread runs it: inference mode is per thread
+    def _cpu_probs(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self._probs(frames, lengths)
+
     def infer(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """frames: (N, C, H, W) uint8 of B clips, lengths: (B,) -> probabilities (B, K) float32 on the CPU."""
         return self.launch(frames, lengths).wait()
@@ -208,8 +284,9 @@ class ModelRuntime:
     def launch(self, frames: torch.Tensor, lengths: torch.Tensor) -> Done | Queued:
         """Start a batch (same arguments as ``infer``); ``.wait()`` on the result gives its probabilities."""
         if self.device.type != "cuda":
-            with self.threads.share() if self.threads is not None else contextlib.nullcontext():
+            if self.threads is None:
                 return Done(self._probs(frames, lengths))
+            return Done(self.threads.run(self._cpu_probs, frames, lengths))
         pinned = frames.pin_memory()
         with torch.cuda.device(self.device):
             compute = torch.cuda.current_stream(self.device)

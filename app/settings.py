@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's choice")
+    wide_lane: bool = Field(
+        True,
+        description="on the CPU, run a forward pass that has every torch thread on one thread kept for that, "
+        "with every other thread at one torch thread (app.runtime.CpuThreads); false: each pass sets its "
+        "caller's threads",
+    )
     instances: int | None = Field(
         None,
         ge=1,

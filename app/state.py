@@ -23,7 +23,7 @@ from app.decode import InputLimits
 from app.decoders import ProcessDecoders
 from app.errors import not_found, not_ready
 from app.metrics import Metrics
-from app.runtime import CpuThreads, ModelRuntime, load_runtimes, pick_device
+from app.runtime import STARTUP_THREADS, CpuThreads, ModelRuntime, load_runtimes, pick_device
 from app.settings import Settings
 from models.system import HeapRelease, allocator, heap_part, heap_usage, release_free_memory
 
@@ -55,6 +55,7 @@ class Service:
     decode_pool: ThreadPoolExecutor | None = None
     decoders: ProcessDecoders | None = None  # DECODE_PROCESSES > 0
     release: HeapRelease | None = None  # hands free heap memory back (CPU)
+    threads: CpuThreads | None = None  # torch's intra-op threads, shared by the CPU forward passes
     ready: bool = False
     draining: bool = False
 
@@ -102,11 +103,13 @@ class Service:
     def load(self) -> None:
         """Load every checkpoint, warm it up, and start its batcher (blocking; call in a thread)."""
         s = self.settings
-        if s.torch_threads:
-            torch.set_num_threads(s.torch_threads)
         device = pick_device(s.device)
+        total = s.torch_threads or STARTUP_THREADS
+        torch.set_num_threads(total)
+        # one budget for every model's CPU forward passes; made first, so that no thread but its lane
+        # (this one included, while it loads) ever runs torch on more than one thread
+        self.threads = threads = CpuThreads(total, wide_lane=s.wide_lane and device.type == "cpu")
         runtimes = load_runtimes(s.checkpoint, device, s.precision, s.cuda_graphs, s.compile, s.encoder_pass_pixels)
-        threads = CpuThreads(torch.get_num_threads())  # one budget for every model's forward passes
         # one heap for every model: free memory handed back now and then after answered batches, and once idle
         self.release = release = HeapRelease.for_allocator(s.memory_trim_s if device.type == "cpu" else 0)
         self.metrics.memory_trims.set_function(partial(getattr, release, "trims"))
@@ -170,7 +173,7 @@ class Service:
                 log.warning("INSTANCES=%d applies to the CPU; on %s each model runs one worker", asked, device)
             return 1
         if asked is None:
-            return 2 if torch.get_num_threads() >= 2 else 1
+            return 2 if self.threads is not None and self.threads.total >= 2 else 1
         return asked
 
     def decode_processes(self, device: torch.device) -> int:
@@ -215,3 +218,5 @@ class Service:
             self.decoders.shutdown()
         if self.release is not None:
             self.release.close()
+        if self.threads is not None:
+            self.threads.close()

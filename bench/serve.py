@@ -403,12 +403,12 @@ async def paired_c1(
     url = f"{server.url}/predict"
     for _ in range(args.c1_pairs):
         burst = await measure(client, server, closed_loop_load(client, url, payloads, 1, burst_args), 1.0)
-        one = await asyncio.to_thread(probe.single, payloads[0], args.c1_pair_time / 2)
+        one = probe.single(payloads[0], args.c1_pair_time / 2)  # on this thread: see InRunCeiling
         if burst["p50_ms"] is not None:
             pairs.append({"p50_ms": burst["p50_ms"], "server_ms": burst["server"]["request_ms"], **one})
     out: dict[str, Any] = {}
     if args.c1_interleaved:
-        out["c1_interleaved"] = await asyncio.to_thread(probe.interleaved, url, payloads[0], args.c1_interleaved)
+        out["c1_interleaved"] = probe.interleaved(url, payloads[0], args.c1_interleaved)
     if not pairs:
         return out
 
@@ -436,13 +436,13 @@ async def run_levels(
     async with loadgen.make_client(conns) as client:
         out["server_info"] = await server_info(client, server.url)
         await warm_up(client, server, payloads, args)
-        spot = await asyncio.to_thread(probe.at, batch) if probe is not None and args.concurrency else None
+        spot = probe.at(batch) if probe is not None and args.concurrency else None
         for c in args.concurrency:
             load = closed_loop_load(client, url, payloads, c, args)
             row = {"concurrency": c, **await measure(client, server, load, args.rss_interval)}
             if probe is not None and spot is not None:
                 await settle(client, server)  # the ceiling is timed with the server idle
-                after = await asyncio.to_thread(probe.at, batch)
+                after = probe.at(batch)
                 row["ceiling_around"] = [spot[0], after[0]]
                 spot = after
             if c == 1 and probe is not None and (args.c1_pairs or args.c1_interleaved):
@@ -488,6 +488,13 @@ class InRunCeiling:
     host memory, so that the end-to-end numbers of the same run can be divided by it.
     ``sweep`` times batch sizes 1-64; ``at`` one size, between load levels, so that each
     level also has a ceiling measured right before and right after it.
+
+    Every measurement runs on the thread that made it (the main thread, the event loop
+    blocked meanwhile), never on a worker thread: a second thread that runs torch on two
+    threads gets a second OpenMP team, and with more team threads than cores libgomp's
+    workers sleep between parallel regions instead of spinning. Until the third session of
+    2026-12-02 the between-levels ceilings and the c=1 references ran through
+    ``asyncio.to_thread`` and read up to 1.5x low (docs/PERFORMANCE.md).
     """
 
     BATCHES = (1, 2, 4, 8, 16, 32, 64)

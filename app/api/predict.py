@@ -196,6 +196,9 @@ def model_info(service: Service, served: ServedModel) -> ModelInfo:
             "max_queue": b.max_queue,
             "instances": b.workers,
             "share_from": b.share_from,
+            # on the CPU: torch threads, and whether a pass that has them all runs on the wide lane
+            "torch_threads": service.threads.total if service.threads is not None else None,
+            "wide_lane": service.threads.wide_lane if service.threads is not None else False,
             "timeout_s": b.timeout_s,
             "autotuned": served.tuning is not None,
             "tuning": served.tuning,
