@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         "so that a large batch needs the activation memory of one slice; 0: the whole batch at once",
     )
     decode_workers: int = Field(2, ge=1, description="threads that decode images and videos")
+    decode_split_kb: float = Field(
+        128.0,
+        ge=0,
+        description="a clip whose encoded frames total this many KB or more is decoded in two halves on two "
+        "decode threads at once (when one is free); 0: every clip on one thread",
+    )
     decode_processes: int | None = Field(
         None,
         ge=0,

@@ -19,7 +19,7 @@ from app.api.common import decode_and_queue
 from app.autotune import MAX_SIZE as AUTOTUNE_MAX
 from app.autotune import choose_batch_limits
 from app.batcher import Batcher, Ticket
-from app.decode import InputLimits
+from app.decode import InputLimits, share_frames_with, stop_sharing
 from app.decoders import ProcessDecoders
 from app.errors import not_found, not_ready
 from app.metrics import Metrics
@@ -156,6 +156,8 @@ class Service:
         release.start()
         self.decode_pool = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode")
         processes = self.decode_processes(device)
+        if not processes:  # large clips decode in two halves on the decode threads (app.decode)
+            share_frames_with(self.decode_pool, int(s.decode_split_kb * 1024))
         if processes:
             self.decoders = ProcessDecoders(processes)
             log.info("decoding in %d processes: %s", processes, self.decoders.start())
@@ -213,6 +215,7 @@ class Service:
         self.metrics.ready.set(0)
         await asyncio.gather(*(m.batcher.close() for m in self.models.values()))
         if self.decode_pool is not None:
+            stop_sharing(self.decode_pool)
             self.decode_pool.shutdown(wait=True)
         if self.decoders is not None:
             self.decoders.shutdown()
