@@ -133,7 +133,7 @@ def share_frames_with(helpers: Executor | None, split_bytes: int = 0) -> None:
     to ``helpers`` (the server's decode threads) while its own thread decodes the first; None or
     0: every clip on one thread. Decode processes never share (this is per process)."""
     global _helpers, _split_bytes
-    _helpers, _split_bytes = helpers, split_bytes
+    _helpers, _split_bytes = (helpers, split_bytes) if split_bytes > 0 else (None, 0)
 
 
 def stop_sharing(helpers: Executor) -> None:
@@ -157,7 +157,7 @@ def image_frames(blobs: list[bytes], limits: InputLimits) -> np.ndarray:
     """
     check_count(len(blobs), limits)
     helpers, half = _helpers, len(blobs) // 2
-    if helpers is None or _split_bytes <= 0 or half == 0 or sum(map(len, blobs)) < _split_bytes:
+    if helpers is None or half == 0 or sum(map(len, blobs)) < _split_bytes:
         return np.stack(_decode_each(blobs, limits, 0))
     try:
         offered = helpers.submit(_decode_each, blobs[half:], limits, half)

@@ -156,12 +156,12 @@ class Service:
         release.start()
         self.decode_pool = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode")
         processes = self.decode_processes(device)
-        if not processes:  # large clips decode in two halves on the decode threads (app.decode)
-            share_frames_with(self.decode_pool, int(s.decode_split_kb * 1024))
         if processes:
             self.decoders = ProcessDecoders(processes)
             log.info("decoding in %d processes: %s", processes, self.decoders.start())
             self.metrics.decoder_restarts.set_function(partial(getattr, self.decoders, "restarts"))
+        else:  # large clips decode in two halves on the decode threads (app.decode)
+            share_frames_with(self.decode_pool, int(s.decode_split_kb * 1024))
         for served in self.models.values():
             served.batcher.start()
 

@@ -104,7 +104,7 @@ def test_a_shut_down_pool_decodes_on_the_calling_thread(frames_224: list[bytes])
 
 def test_the_server_answers_a_224_clip_the_same_split_or_not(default_ckpt: Path, frames_224: list[bytes]) -> None:
     answers = []
-    for split_kb in (16.0, 0.0):  # the clip is about 300 KB: split, then on one thread
+    for split_kb in (16.0, 0.0):  # the clip is about 440 KB: split, then on one thread
         with live_server(checkpoint=default_ckpt, decode_split_kb=split_kb) as url:
             r = httpx.post(f"{url}/predict", files=multipart_frames(frames_224), params={"top_k": 8}, timeout=60)
             assert r.status_code == 200, r.text
