@@ -76,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
         timeout_keep_alive=settings.keep_alive_s,
         access_log=False,
+        loop=settings.loop,
+        http=settings.http,
     )
+    config.load()  # resolves "auto" to the parser uvicorn will use (the lifespan logs the event loop)
+    log.info("HTTP parser: %s", config.http_protocol_class.__name__)
     server = DrainingServer(config, app, settings.drain_s)
     try:
         server.run()

@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         "(httpx: 5 s) and load balancers' idle timeouts, so that the server never closes a connection just as "
         "a client sends a request on it",
     )
+    loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="uvicorn's event loop; auto: uvloop when installed (uvicorn[standard] installs it)"
+    )
+    http: Literal["auto", "h11", "httptools"] = Field(
+        "auto", description="uvicorn's HTTP/1.1 parser; auto: httptools when installed (uvicorn[standard] installs it)"
+    )
     warmup: bool = Field(True, description="run dummy batches before reporting ready")
     drain_s: float = Field(0.0, ge=0, description="after SIGTERM, seconds to report not-ready before closing")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -122,10 +124,29 @@ def test_ctrl_c_shuts_down_cleanly_without_a_traceback(default_ckpt: Path, sigin
     assert "Traceback" not in log and "KeyboardInterrupt" not in log
 
 
-def test_cli_flags_and_help() -> None:
-    import subprocess
-    import sys
+@pytest.mark.parametrize(
+    ("flags", "loop", "parser"),
+    [((), "uvloop", "HttpToolsProtocol"), (("--loop", "asyncio", "--http", "h11"), "asyncio", "H11Protocol")],
+    ids=["auto", "asyncio-h11"],
+)
+def test_event_loop_and_http_parser_are_chosen_served_and_logged(
+    default_ckpt: Path, flags: tuple[str, ...], loop: str, parser: str
+) -> None:
+    frames = [encode(f) for f in synth_clip("left", frames=4, size=64)]
+    with spawn_server("--checkpoint", str(default_ckpt), "--max-batch-size", "2", *flags) as (proc, url):
+        answer = httpx.post(f"{url}/predict", files=multipart_frames(frames), timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert abs(sum(answer.json()["probabilities"].values()) - 1) < 1e-4
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        log = proc.stdout.read() if proc.stdout else ""
+    assert f"event loop: {loop}" in log and f"HTTP parser: {parser}" in log
+    assert "answering accepted requests" in log and "Traceback" not in log
+    bad = subprocess.run([sys.executable, "-m", "app", "--loop", "tokio"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "loop" in bad.stderr and "'asyncio'" in bad.stderr
 
+
+def test_cli_flags_and_help() -> None:
     out = subprocess.run([sys.executable, "-m", "app", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
     for flag in (
