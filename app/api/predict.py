@@ -95,18 +95,24 @@ async def read_and_queue(
             body = json.loads(await request.body())
         except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise bad_input(f"the body is not valid JSON ({type(exc).__name__})") from exc
-        if not isinstance(body, dict) or not ({"frames", "video"} & set(body)):
+        # a key set to null is absent: clients often write their optional fields that way
+        video, images = (body.get("video"), body.get("frames")) if isinstance(body, dict) else (None, None)
+        if video is None and images is None:
             raise bad_input('the JSON body must be {"frames": ["<base64 image>", ...]} or {"video": "<base64>"}')
-        if "video" in body:
+        if video is not None and images is not None:
+            raise bad_input('send "frames" or "video", not both')
+        if video is not None:
+            if not isinstance(video, str):
+                raise bad_input(f'"video" must be a base64 string, not {type(video).__name__}')
             try:
-                data = base64.b64decode(str(body["video"]), validate=True)
+                data = base64.b64decode(video, validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise bad_input(f"video is not valid base64 ({exc})") from exc
             queue(video_frames, data, limits, frames)
             return
-        if not isinstance(body["frames"], list):
+        if not isinstance(images, list):
             raise bad_input('"frames" must be a list of base64 strings')
-        queue(base64_frames, body["frames"], limits)
+        queue(base64_frames, images, limits)
         return
     raise unsupported(
         f"content type {content_type or 'none'!r} is not supported; "

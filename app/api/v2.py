@@ -165,10 +165,13 @@ def input_array(request: dict[str, Any], binary: bytes, limits: InputLimits, max
     data = spec.get("data")
     if data is None:
         raise bad_input(f"input {INPUT!r} has neither data nor binary_data_size")
-    try:
-        flat = np.asarray(data, dtype=np.int64).reshape(-1)
+    try:  # no dtype: numpy would truncate 255.9 to 255 and parse "7"; only JSON integers are UINT8 data
+        flat = np.asarray(data).reshape(-1)
     except (ValueError, TypeError, OverflowError) as exc:
         raise bad_input(f"input data must be integers ({exc})") from exc
+    if flat.size and flat.dtype.kind not in "iu":
+        kind = {"f": "floating-point numbers", "b": "booleans", "U": "strings"}.get(flat.dtype.kind, "mixed values")
+        raise bad_input(f"UINT8 input data must be JSON integers, got {kind}")
     if flat.size != count:
         raise wrong_shape(f"input has {flat.size} values but shape {shape} needs {count}")
     if flat.min() < 0 or flat.max() > 255:

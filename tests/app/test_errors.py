@@ -106,6 +106,13 @@ def test_invalid_json_and_base64(server: str) -> None:
     expect_error(r, 400, "bad_input", server)
     expect_error(httpx.post(f"{server}/predict", json={"frames": ["%%%"]}), 400, "bad_input", server)
     expect_error(httpx.post(f"{server}/predict", json={"pictures": []}), 400, "bad_input", server)
+    expect_error(httpx.post(f"{server}/predict", json={"frames": None, "video": None}), 400, "bad_input", server)
+    r = httpx.post(f"{server}/predict", json={"frames": ["AAAA"], "video": "AAAA"})
+    expect_error(r, 400, "bad_input", server)
+    assert "not both" in r.json()["error"]["message"]
+    r = httpx.post(f"{server}/predict", json={"video": 12})
+    expect_error(r, 400, "bad_input", server)
+    assert '"video" must be a base64 string' in r.json()["error"]["message"]
 
 
 def test_corrupt_video(server: str) -> None:

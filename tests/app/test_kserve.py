@@ -180,6 +180,18 @@ def test_malformed_requests_get_4xx_not_500(server: str, body: dict, status: int
     assert isinstance(r.json()["error"], str)
 
 
+@pytest.mark.parametrize(
+    ("data", "kind"), [([255.9, -0.9, 7], "floating-point"), (["7", "8", "9"], "strings"), ([True] * 3, "booleans")]
+)
+def test_uint8_data_that_is_not_integers_is_refused_not_truncated(server: str, data: list, kind: str) -> None:
+    body = {"inputs": [{"name": "frames", "shape": [1, 1, 1, 1, 3], "datatype": "UINT8", "data": data}]}
+    r = httpx.post(f"{server}/v2/models/{MODEL}/infer", json=body)
+    assert r.status_code == 400, r.text
+    assert "must be JSON integers" in r.json()["error"] and kind in r.json()["error"]
+    body["inputs"][0]["data"] = [255, 0, 7]  # the same request with integers is served
+    assert httpx.post(f"{server}/v2/models/{MODEL}/infer", json=body).status_code == 200
+
+
 def test_hostile_bodies_get_400(server: str) -> None:
     deep = b"[" * 100_000
     r = httpx.post(f"{server}/v2/models/{MODEL}/infer", content=deep, headers={"content-type": "application/json"})
