@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -122,6 +123,12 @@ class Settings(BaseSettings):
         if not self.checkpoint.exists():
             raise ValueError(f"checkpoint {self.checkpoint} does not exist")
         return self
+
+    @property
+    def longest_request_s(self) -> int:
+        """How long an accepted request can take to be answered once its body is read: decoding, then
+        waiting in the queue, then its batch (5 s). Shutdown waits this long for accepted requests."""
+        return math.ceil(self.decode_timeout_s + self.request_timeout_s) + 5
 
     @property
     def max_upload_bytes(self) -> int:

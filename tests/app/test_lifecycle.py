@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import signal
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.app.conftest import encode, live_server, metric_value, multipart_frames, spawn_server, synth_clip
@@ -108,6 +110,34 @@ def test_sigterm_answers_every_accepted_request(slow_checkpoint: Path) -> None:
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
         log = proc.stdout.read() if proc.stdout else ""
         assert "answering accepted requests" in log and "Finished server process" in log
+
+
+def test_shutdown_waits_for_a_decode_backlog_longer_than_the_queue_timeout(default_ckpt: Path) -> None:
+    # Every accepted request is answered on shutdown, however long its decoding waits: the grace
+    # period covers DECODE_TIMEOUT_S and REQUEST_TIMEOUT_S, where it once covered the latter only (6 s
+    # here, while these 14 uploads keep the one decode thread busy for about 9 s).
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((3000, 3000, 3), np.uint8)).save(buf, "PNG")
+    files = multipart_frames([buf.getvalue()] * 16, "png")
+    flags = ("--checkpoint", str(default_ckpt), "--request-timeout-s", "1", "--decode-timeout-s", "60")
+    with spawn_server(*flags, "--decode-workers", "1", "--decode-split-kb", "0") as (proc, url):
+
+        async def main() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=14)) as client:
+                tasks = [asyncio.ensure_future(client.post(f"{url}/predict", files=files)) for _ in range(14)]
+                await asyncio.sleep(1.5)  # every body read, most still waiting for the decode thread
+                proc.send_signal(signal.SIGINT)
+                return await asyncio.gather(*tasks)
+
+        started = time.monotonic()
+        statuses = [r.status_code for r in asyncio.run(main())]
+        took = time.monotonic() - started
+        assert proc.wait(timeout=120) == 130
+        log = proc.stdout.read() if proc.stdout else ""
+    assert statuses == [200] * 14, (statuses, took)
+    assert "timeout graceful shutdown exceeded" not in log and "Traceback" not in log
 
 
 @pytest.mark.parametrize("sigint_ignored", [False, True], ids=["foreground", "sigint-inherited-ignored"])
