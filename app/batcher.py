@@ -241,6 +241,16 @@ class Batcher:
             self._queue.extend(tickets)
             self._cond.notify()
 
+    def abandoned(self, tickets: list[Ticket]) -> bool:
+        """True when every one of ``tickets`` is already answered or withdrawn (timed out, or its client
+        left): a decode thread that takes such a clip skips it, counted as dropped ("undecoded")."""
+        with self._cond:
+            gone = all(t.cancelled or t.future.done() for t in tickets)
+        if gone:
+            for _ in tickets:
+                self._dropped("undecoded")
+        return gone
+
     def fail(self, tickets: list[Ticket], exc: Exception) -> None:
         """Answer ``tickets`` with ``exc`` (e.g. their clip could not be decoded); from any thread."""
         for ticket in tickets:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from app.api.common import decode_and_queue
+from app.api.common import decode_and_queue, queue_clip
 from app.autotune import MAX_SIZE as AUTOTUNE_MAX
 from app.autotune import choose_batch_limits
 from app.batcher import Batcher, Ticket
@@ -94,7 +94,7 @@ class Service:
 
         def queue(array: Any, exc: BaseException | None) -> None:  # on a thread of the process pool
             if exc is None:
-                decode_and_queue(batcher, tickets, lambda: array)
+                queue_clip(batcher, tickets, lambda: array)
             else:
                 batcher.fail(tickets, exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
 

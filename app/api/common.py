@@ -29,7 +29,16 @@ async def _wait_disconnect(request: Request) -> None:
 
 def decode_and_queue(batcher: Batcher, tickets: list[Ticket], decode: Callable[..., np.ndarray], *args: Any) -> None:
     """On a decode thread: decode one clip (``app.decode``: pixels (T, H, W, C)) and queue it under
-    ``tickets`` at once; a failure (undecodable input, a full queue) answers the tickets instead."""
+    ``tickets`` at once; a failure (undecodable input, a full queue) answers the tickets instead.
+    A clip whose request ended while it waited for this thread (timed out, or the client left) is not
+    decoded: a backlog of dead uploads would otherwise hold the threads from the live ones."""
+    if not batcher.abandoned(tickets):
+        queue_clip(batcher, tickets, decode, *args)
+
+
+def queue_clip(batcher: Batcher, tickets: list[Ticket], decode: Callable[..., np.ndarray], *args: Any) -> None:
+    """Queue ``decode(*args)`` under ``tickets``, or answer them with its failure (as ``decode_and_queue``,
+    without the check for an ended request: for a clip already decoded elsewhere)."""
     try:
         batcher.enqueue(tickets, [array_to_clip(decode(*args))])
     except Exception as exc:

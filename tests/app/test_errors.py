@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.app.conftest import encode, live_server, multipart_frames, synth_clip
+from tests.app.conftest import encode, live_server, metric_value, multipart_frames, synth_clip
 from tests.app.test_decode import claim_size
 
 KEY = "s3cret-test-key"
@@ -194,3 +195,28 @@ def test_an_upload_that_decodes_too_long_gets_504_and_the_server_goes_on(default
             assert time.monotonic() < until, "still timing out 30 s after the slow upload"
             time.sleep(0.05)
         assert r.json()["frames"] == 2
+
+
+def test_uploads_that_timed_out_waiting_for_a_decode_thread_are_not_decoded(default_ckpt: Path) -> None:
+    # 12 uploads of 8 PNG frames of 3000x3000 (about 0.35 s of decoding each here) on one decode
+    # thread, with a 1.5 s limit: those still waiting at 1.5 s get 504, and the thread skips them
+    # (dropped, reason "undecoded") instead of decoding them for seconds more, and the server goes on.
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((3000, 3000, 3), np.uint8)).save(buf, "PNG")
+    slow = multipart_frames([buf.getvalue()] * 8, "png")
+    settings = {"decode_timeout_s": 1.5, "decode_workers": 1, "decode_split_kb": 0}
+    with live_server(checkpoint=default_ckpt, **settings) as url:
+
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=12)) as client:
+                answers = await asyncio.gather(*(client.post(f"{url}/predict", files=slow) for _ in range(12)))
+            return [r.status_code for r in answers]
+
+        statuses = asyncio.run(burst())
+        assert set(statuses) <= {200, 504} and statuses.count(504) >= 2, statuses
+        small = [encode(f) for f in synth_clip("up", frames=2, seed=9)]
+        r = httpx.post(f"{url}/predict", files=multipart_frames(small), timeout=60)
+        assert r.status_code == 200, r.text  # it waited at most for the one upload still decoding
+        text = httpx.get(f"{url}/metrics").text
+        skipped = metric_value(text, "fusionserve_dropped_clips_total", reason="undecoded")
+        assert 1 <= skipped <= statuses.count(504), (skipped, statuses)
