@@ -13,7 +13,7 @@ from app import __version__
 from app.api import ops, predict, v2
 from app.errors import install_handlers
 from app.metrics import Metrics
-from app.middleware import BodyLimit, RequestMetrics
+from app.middleware import BodyDecoding, BodyLimit, RequestMetrics
 from app.settings import Settings
 from app.state import Service
 from models.system import tune_malloc
@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "Plain JSON under /predict and /models, the KServe v2 / Open Inference Protocol under /v2.",
     )
     install_handlers(app)
+    app.add_middleware(BodyDecoding, limit=settings.max_upload_bytes)  # inside the limit on the wire's bytes
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     for router in (predict.router, v2.health, v2.router, ops.router):

@@ -1,13 +1,14 @@
-"""ASGI middleware: request body limit, and per-route request metrics."""
+"""ASGI middleware: request body limit, compressed request bodies, and per-route request metrics."""
 
 from __future__ import annotations
 
 import time
+import zlib
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import too_large
+from app.errors import bad_input, too_large, unsupported
 
 
 class BodyLimit:
@@ -40,6 +41,57 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class BodyDecoding:
+    """Inflate request bodies sent with ``Content-Encoding: gzip`` or ``deflate`` (as Triton's clients
+    send them with ``request_compression_algorithm``), as they stream in, to at most ``limit`` bytes
+    (413 past it: a small compressed body can inflate to gigabytes); a body that does not inflate
+    gets 400, and another encoding 415. Behind ``BodyLimit``, which counts the bytes on the wire."""
+
+    ENCODINGS = ("gzip", "x-gzip", "deflate")
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope["headers"]) if scope["type"] == "http" else {}
+        codings = [c.strip() for c in headers.get(b"content-encoding", b"").decode("latin-1").lower().split(",")]
+        codings = [c for c in codings if c not in ("", "identity")]
+        if not codings:
+            await self.app(scope, receive, send)
+            return
+        # the app sees the inflated body: no encoding, and no length (the wire's no longer applies)
+        scope = {
+            **scope,
+            "headers": [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")],
+        }
+        inflate = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip or a zlib header, told apart by its bytes
+        inflated = 0
+
+        async def decoded() -> Message:
+            nonlocal inflated
+            if len(codings) > 1 or codings[0] not in self.ENCODINGS:
+                raise unsupported(
+                    f"Content-Encoding {', '.join(codings)!r} is not supported; send gzip, deflate or none"
+                )
+            message = await receive()
+            if message["type"] != "http.request":
+                return message
+            try:
+                body = inflate.decompress(message.get("body", b""), self.limit - inflated + 1)
+                if not message.get("more_body", False) and len(body) + inflated <= self.limit:
+                    body += inflate.flush()
+            except zlib.error as exc:
+                raise bad_input(f"the {codings[0]} request body does not inflate ({exc})") from exc
+            inflated += len(body)
+            if inflated > self.limit or inflate.unconsumed_tail:
+                raise too_large(f"the request body inflates to more than the limit of {self.limit} bytes")
+            if not message.get("more_body", False) and not inflate.eof:
+                raise bad_input(f"the {codings[0]} request body is truncated")
+            return {**message, "body": body}
+
+        await self.app(scope, decoded, send)
 
 
 class RequestMetrics:

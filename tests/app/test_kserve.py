@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from pathlib import Path
 
 import httpx
@@ -204,4 +206,43 @@ def test_hostile_bodies_get_400(server: str) -> None:
     assert r.status_code == 400, r.text
     r = httpx.post(f"{server}/predict", content=deep, headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "bad_input"
+    assert httpx.get(f"{server}/v2/health/ready").status_code == 200
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+@pytest.mark.parametrize("binary_in", [False, True])
+def test_compressed_requests_from_tritonclient(
+    client: triton.InferenceServerClient, algorithm: str, binary_in: bool
+) -> None:
+    frames = batch()
+    inp = triton.InferInput("frames", list(frames.shape), "UINT8")
+    inp.set_data_from_numpy(frames, binary_data=binary_in)
+    plain = client.infer(MODEL, [inp]).as_numpy("probabilities")
+    packed = client.infer(MODEL, [inp], request_compression_algorithm=algorithm).as_numpy("probabilities")
+    np.testing.assert_array_equal(packed, plain)
+
+
+def test_compressed_bodies_that_are_bombs_broken_or_unknown(server: str) -> None:
+    frames = [encode(f) for f in synth_clip("up", frames=3, seed=4)]
+    form = httpx.Request("POST", f"{server}/predict", files=multipart_frames(frames))
+    body, ctype = form.read(), form.headers["content-type"]
+    plain = httpx.post(f"{server}/predict", content=body, headers={"content-type": ctype})
+    packed = httpx.post(
+        f"{server}/predict", content=gzip.compress(body), headers={"content-type": ctype, "content-encoding": "gzip"}
+    )
+    assert plain.status_code == packed.status_code == 200
+    assert packed.json()["probabilities"] == plain.json()["probabilities"]
+    url = f"{server}/v2/models/{MODEL}/infer"
+    json_type = {"content-type": "application/json"}
+    bomb = zlib.compress(b" " * (40 << 20), 9)  # 40 MB of spaces in about 40 KB, over the 32 MB limit
+    r = httpx.post(url, content=bomb, headers={**json_type, "content-encoding": "deflate"})
+    assert r.status_code == 413 and "inflates to more than" in r.json()["error"], r.text
+    r = httpx.post(url, content=b"not gzip at all", headers={**json_type, "content-encoding": "gzip"})
+    assert r.status_code == 400 and "does not inflate" in r.json()["error"], r.text
+    r = httpx.post(
+        url, content=gzip.compress(b'{"inputs": []}')[:-12], headers={**json_type, "content-encoding": "gzip"}
+    )
+    assert r.status_code == 400 and "truncated" in r.json()["error"], r.text
+    r = httpx.post(f"{server}/predict", content=body, headers={"content-type": ctype, "content-encoding": "br"})
+    assert r.status_code == 415 and "'br' is not supported" in r.json()["error"]["message"], r.text
     assert httpx.get(f"{server}/v2/health/ready").status_code == 200
