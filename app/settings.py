@@ -34,7 +34,11 @@ class Settings(BaseSettings):
     autotune: bool = Field(True, description="measure the model at warm-up and pick the batch limits")
     latency_budget_ms: float = Field(250.0, gt=0, description="autotune: longest forward pass allowed for a batch")
     max_batch_delay_ms: float = Field(0.0, ge=0, description="extra wait for a fuller batch; 0: none")
-    max_queue: int = Field(256, ge=1, description="clips waiting per model before new ones get 503")
+    max_queue: int = Field(
+        256,
+        ge=1,
+        description="clips waiting per model before new ones get 503 (queued, and as many waiting to be decoded)",
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="a clip still queued after this gets 504")
     decode_timeout_s: float = Field(
         60.0,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -21,7 +22,7 @@ from app.autotune import choose_batch_limits
 from app.batcher import Batcher, Ticket
 from app.decode import InputLimits, share_frames_with, stop_sharing
 from app.decoders import ProcessDecoders
-from app.errors import not_found, not_ready
+from app.errors import not_found, not_ready, overloaded
 from app.metrics import Metrics
 from app.runtime import STARTUP_THREADS, CpuThreads, ModelRuntime, load_runtimes, pick_device
 from app.settings import Settings
@@ -58,6 +59,9 @@ class Service:
     threads: CpuThreads | None = None  # torch's intra-op threads, shared by the CPU forward passes
     ready: bool = False
     draining: bool = False
+    # per model: clips whose upload is read and not yet decoded (at most MAX_QUEUE, like the queue)
+    undecoded: dict[str, int] = field(default_factory=dict)
+    _undecoded_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def model(self, name: str | None) -> ServedModel:
         name = name or self.default_model
@@ -88,17 +92,42 @@ class Service:
         """Start decoding one clip, ``decode(*args)`` (``app.decode``: pixels (T, H, W, C)), which is queued
         under ``tickets`` when done (or answers them with its failure): on a decode thread, or in a decode
         process when there are some."""
-        if self.decoders is None:
-            self.start_in_pool(decode_and_queue, batcher, tickets, decode, *args)
-            return
+        name, count = batcher.name, len(tickets)
+        with self._undecoded_lock:  # a burst of large uploads waits here no more than the queue allows
+            waiting = self.undecoded.get(name, 0)
+            if waiting + count > batcher.max_queue:
+                raise overloaded(
+                    f"model {name} has {waiting} uploads waiting to be decoded (limit {batcher.max_queue})"
+                )
+            self.undecoded[name] = waiting + count
+
+        def decoded() -> None:
+            with self._undecoded_lock:
+                self.undecoded[name] -= count
+
+        def on_thread() -> None:
+            try:
+                decode_and_queue(batcher, tickets, decode, *args)
+            finally:
+                decoded()
 
         def queue(array: Any, exc: BaseException | None) -> None:  # on a thread of the process pool
-            if exc is None:
-                queue_clip(batcher, tickets, lambda: array)
-            else:
-                batcher.fail(tickets, exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+            try:
+                if exc is None:
+                    queue_clip(batcher, tickets, lambda: array)
+                else:
+                    batcher.fail(tickets, exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+            finally:
+                decoded()
 
-        self.decoders.submit(queue, decode, *args)
+        try:
+            if self.decoders is None:
+                self.start_in_pool(on_thread)
+            else:
+                self.decoders.submit(queue, decode, *args)
+        except BaseException:
+            decoded()
+            raise
 
     def load(self) -> None:
         """Load every checkpoint, warm it up, and start its batcher (blocking; call in a thread)."""

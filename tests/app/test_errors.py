@@ -220,3 +220,31 @@ def test_uploads_that_timed_out_waiting_for_a_decode_thread_are_not_decoded(defa
         text = httpx.get(f"{url}/metrics").text
         skipped = metric_value(text, "fusionserve_dropped_clips_total", reason="undecoded")
         assert 1 <= skipped <= statuses.count(504), (skipped, statuses)
+
+
+def test_uploads_waiting_to_be_decoded_count_against_the_queue_limit(default_ckpt: Path) -> None:
+    # MAX_QUEUE=2 with one decode thread: of 8 large uploads at once, those past 2 waiting to be
+    # decoded get 503 with Retry-After at once, instead of holding their bodies for seconds
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((3000, 3000, 3), np.uint8)).save(buf, "PNG")
+    slow = multipart_frames([buf.getvalue()] * 8, "png")
+    settings = {"max_queue": 2, "decode_workers": 1, "decode_split_kb": 0}
+    with live_server(checkpoint=default_ckpt, **settings) as url:
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=8)) as client:
+                return await asyncio.gather(*(client.post(f"{url}/predict", files=slow) for _ in range(8)))
+
+        answers = asyncio.run(burst())
+        statuses = [r.status_code for r in answers]
+        assert set(statuses) == {200, 503} and statuses.count(200) >= 2, statuses
+        for r in answers:
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "overloaded"
+                assert "waiting to be decoded (limit 2)" in r.json()["error"]["message"]
+        # every slot comes back, after a clip that fails to decode as after one that is answered
+        small = multipart_frames([encode(f) for f in synth_clip("up", frames=2, seed=9)])
+        for _ in range(3):
+            r = httpx.post(f"{url}/predict", files=multipart_frames([b"\xff\xd8 not a jpeg"]))
+            assert r.status_code == 400, r.text
+            assert httpx.post(f"{url}/predict", files=small, timeout=60).status_code == 200
