@@ -197,22 +197,26 @@ def test_an_upload_that_decodes_too_long_gets_504_and_the_server_goes_on(default
         assert r.json()["frames"] == 2
 
 
+def large_uploads_at_once(url: str, count: int) -> list[httpx.Response]:
+    """``count`` uploads of 8 PNG frames of 3000x3000 (small files: about 0.35 s of decoding each
+    here) to ``/predict``, all at once."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((3000, 3000, 3), np.uint8)).save(buf, "PNG")
+    files = multipart_frames([buf.getvalue()] * 8, "png")
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=count)) as client:
+            return await asyncio.gather(*(client.post(f"{url}/predict", files=files) for _ in range(count)))
+
+    return asyncio.run(burst())
+
+
 def test_uploads_that_timed_out_waiting_for_a_decode_thread_are_not_decoded(default_ckpt: Path) -> None:
     # 12 uploads of 8 PNG frames of 3000x3000 (about 0.35 s of decoding each here) on one decode
     # thread, with a 1.5 s limit: those still waiting at 1.5 s get 504, and the thread skips them
     # (dropped, reason "undecoded") instead of decoding them for seconds more, and the server goes on.
-    buf = io.BytesIO()
-    Image.fromarray(np.zeros((3000, 3000, 3), np.uint8)).save(buf, "PNG")
-    slow = multipart_frames([buf.getvalue()] * 8, "png")
-    settings = {"decode_timeout_s": 1.5, "decode_workers": 1, "decode_split_kb": 0}
-    with live_server(checkpoint=default_ckpt, **settings) as url:
-
-        async def burst() -> list[int]:
-            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=12)) as client:
-                answers = await asyncio.gather(*(client.post(f"{url}/predict", files=slow) for _ in range(12)))
-            return [r.status_code for r in answers]
-
-        statuses = asyncio.run(burst())
+    with live_server(checkpoint=default_ckpt, decode_timeout_s=1.5, decode_workers=1, decode_split_kb=0) as url:
+        statuses = [r.status_code for r in large_uploads_at_once(url, 12)]
         assert set(statuses) <= {200, 504} and statuses.count(504) >= 2, statuses
         small = [encode(f) for f in synth_clip("up", frames=2, seed=9)]
         r = httpx.post(f"{url}/predict", files=multipart_frames(small), timeout=60)
@@ -225,17 +229,8 @@ def test_uploads_that_timed_out_waiting_for_a_decode_thread_are_not_decoded(defa
 def test_uploads_waiting_to_be_decoded_count_against_the_queue_limit(default_ckpt: Path) -> None:
     # MAX_QUEUE=2 with one decode thread: of 8 large uploads at once, those past 2 waiting to be
     # decoded get 503 with Retry-After at once, instead of holding their bodies for seconds
-    buf = io.BytesIO()
-    Image.fromarray(np.zeros((3000, 3000, 3), np.uint8)).save(buf, "PNG")
-    slow = multipart_frames([buf.getvalue()] * 8, "png")
-    settings = {"max_queue": 2, "decode_workers": 1, "decode_split_kb": 0}
-    with live_server(checkpoint=default_ckpt, **settings) as url:
-
-        async def burst() -> list[httpx.Response]:
-            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=8)) as client:
-                return await asyncio.gather(*(client.post(f"{url}/predict", files=slow) for _ in range(8)))
-
-        answers = asyncio.run(burst())
+    with live_server(checkpoint=default_ckpt, max_queue=2, decode_workers=1, decode_split_kb=0) as url:
+        answers = large_uploads_at_once(url, 8)
         statuses = [r.status_code for r in answers]
         assert set(statuses) == {200, 503} and statuses.count(200) >= 2, statuses
         for r in answers:
