@@ -95,6 +95,8 @@ class Ticket:
     deadline: float = field(default=math.inf)  # for waiting in the queue; none before it is queued
     cancelled: bool = field(default=False)  # written under the batcher's lock
     started: bool = field(default=False)  # written under the batcher's lock
+    # called (on the loop) once every clip of its request is withdrawn, e.g. to cancel a pending decode
+    on_abandon: Callable[[], object] | None = field(default=None)
 
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -310,6 +312,13 @@ class Batcher:
             for p in pending:
                 if not p.started:
                     p.cancelled = True
+            gone = all(p.cancelled for p in pending)
+        for p in pending if gone else []:
+            if p.on_abandon is not None:
+                try:
+                    p.on_abandon()
+                except Exception:  # the request is answered either way
+                    log.exception("batcher %s: abandon callback failed", self.name)
 
     async def close(self) -> None:
         with self._cond:

@@ -63,10 +63,12 @@ class ProcessDecoders:
             seen.update(self._pool.map(process_id, [0.02] * (self.processes * 2)))
         return sorted(seen)
 
-    def submit(self, done: Done, decode: Callable[..., np.ndarray], *args: Any, attempt: int = 0) -> None:
+    def submit(self, done: Done, decode: Callable[..., np.ndarray], *args: Any, attempt: int = 0) -> Future[np.ndarray]:
         """Decode in a process; ``done(array, None)`` or ``done(None, exc)`` is called once, on one of
         the pool's threads in this process (or on the caller's, when the job is already over).
-        ``attempt``: 0 first, 1 after a break (the new shared pool), 2 alone in a pool of its own."""
+        ``attempt``: 0 first, 1 after a break (the new shared pool), 2 alone in a pool of its own.
+        Returns the job's future: cancelling it while the job still waits for a process skips the
+        job (``done`` gets a ``CancelledError``)."""
         pool = self._pool if attempt < 2 else self._new_pool(1)
         try:
             try:
@@ -77,6 +79,7 @@ class ProcessDecoders:
         except RuntimeError as exc:  # shut down (BrokenProcessPool too, once closing): the server is stopping
             raise not_ready("the server is shutting down") from exc
         future.add_done_callback(lambda f: self._finished(f, pool, done, decode, args, attempt))
+        return future
 
     def _finished(
         self, future: Future[np.ndarray], pool: ProcessPoolExecutor, done: Done, decode: Any, args: Any, attempt: int

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -113,7 +113,9 @@ class Service:
 
         def queue(array: Any, exc: BaseException | None) -> None:  # on a thread of the process pool
             try:
-                if exc is None:
+                if isinstance(exc, CancelledError):  # withdrawn before a process took it (on_abandon)
+                    batcher.abandoned(tickets)  # counts it: dropped, undecoded
+                elif exc is None:
                     queue_clip(batcher, tickets, lambda: array)
                 else:
                     batcher.fail(tickets, exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
@@ -123,8 +125,8 @@ class Service:
         try:
             if self.decoders is None:
                 self.start_in_pool(on_thread)
-            else:
-                self.decoders.submit(queue, decode, *args)
+            else:  # a job still waiting for a process when its request ends is skipped, as on the threads
+                tickets[0].on_abandon = self.decoders.submit(queue, decode, *args).cancel
         except BaseException:
             decoded()
             raise
