@@ -192,6 +192,7 @@ class Batcher:
         self._closing = False
         self.share_from = share_from
         self._busy = 0  # workers holding a batch (taken and not yet answered)
+        self._undecoded = 0  # clips read and still to be decoded (``reserve``), at most max_queue beside the queue
         self._threads = [
             threading.Thread(target=self._run, name=f"batcher-{name}-{i}", daemon=True) for i in range(workers)
         ]
@@ -242,6 +243,21 @@ class Batcher:
                 ticket.clip, ticket.enqueued, ticket.deadline = clip, now, now + self.timeout_s
             self._queue.extend(tickets)
             self._cond.notify()
+
+    def reserve(self, count: int) -> None:
+        """Room for ``count`` clips read and still to be decoded, beside the queue: a burst of large
+        uploads waits for the decoders no more than the queue allows. Overloaded when ``max_queue``
+        are already waiting; ``release`` once they are decoded, failed or skipped."""
+        with self._cond:
+            if self._undecoded + count > self.max_queue:
+                raise Overloaded(
+                    f"model {self.name} has {self._undecoded} uploads waiting to be decoded (limit {self.max_queue})"
+                )
+            self._undecoded += count
+
+    def release(self, count: int) -> None:
+        with self._cond:
+            self._undecoded -= count
 
     def abandoned(self, tickets: list[Ticket]) -> bool:
         """True when every one of ``tickets`` is already answered or withdrawn (timed out, or its client

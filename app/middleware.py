@@ -55,9 +55,9 @@ class BodyDecoding:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = dict(scope["headers"]) if scope["type"] == "http" else {}
-        codings = [c.strip() for c in headers.get(b"content-encoding", b"").decode("latin-1").lower().split(",")]
-        codings = [c for c in codings if c not in ("", "identity")]
+        # a scan, not a dict of every header: this runs on every request, and nearly all have no encoding
+        header = next((v for k, v in scope.get("headers", ()) if k == b"content-encoding"), b"")
+        codings = [c for c in header.decode("latin-1").lower().replace(" ", "").split(",") if c not in ("", "identity")]
         if not codings:
             await self.app(scope, receive, send)
             return

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -16,13 +15,13 @@ from typing import Any, TypeVar
 
 import torch
 
-from app.api.common import decode_and_queue, queue_clip
+from app.api.common import batcher_errors, decode_and_queue, queue_clip
 from app.autotune import MAX_SIZE as AUTOTUNE_MAX
 from app.autotune import choose_batch_limits
 from app.batcher import Batcher, Ticket
 from app.decode import InputLimits, share_frames_with, stop_sharing
 from app.decoders import ProcessDecoders
-from app.errors import not_found, not_ready, overloaded
+from app.errors import not_found, not_ready
 from app.metrics import Metrics
 from app.runtime import STARTUP_THREADS, CpuThreads, ModelRuntime, load_runtimes, pick_device
 from app.settings import Settings
@@ -59,9 +58,6 @@ class Service:
     threads: CpuThreads | None = None  # torch's intra-op threads, shared by the CPU forward passes
     ready: bool = False
     draining: bool = False
-    # per model: clips whose upload is read and not yet decoded (at most MAX_QUEUE, like the queue)
-    undecoded: dict[str, int] = field(default_factory=dict)
-    _undecoded_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def model(self, name: str | None) -> ServedModel:
         name = name or self.default_model
@@ -92,18 +88,9 @@ class Service:
         """Start decoding one clip, ``decode(*args)`` (``app.decode``: pixels (T, H, W, C)), which is queued
         under ``tickets`` when done (or answers them with its failure): on a decode thread, or in a decode
         process when there are some."""
-        name, count = batcher.name, len(tickets)
-        with self._undecoded_lock:  # a burst of large uploads waits here no more than the queue allows
-            waiting = self.undecoded.get(name, 0)
-            if waiting + count > batcher.max_queue:
-                raise overloaded(
-                    f"model {name} has {waiting} uploads waiting to be decoded (limit {batcher.max_queue})"
-                )
-            self.undecoded[name] = waiting + count
-
-        def decoded() -> None:
-            with self._undecoded_lock:
-                self.undecoded[name] -= count
+        with batcher_errors():  # 503 past MAX_QUEUE uploads waiting to be decoded
+            batcher.reserve(len(tickets))
+        decoded = partial(batcher.release, len(tickets))
 
         def on_thread() -> None:
             try:
