@@ -18,7 +18,7 @@ from models import (
     preset_config,
     preset_names,
 )
-from models.encoders import fold_batchnorm
+from models.encoders import SmallCNN, conv_bn_relu, fold_batchnorm
 from models.registry import Registry
 
 SMALL = SmallCNNConfig(widths=(8, 16))
@@ -231,6 +231,36 @@ def test_registry_refuses_a_duplicate_name() -> None:
         reg.register("a", MeanHeadConfig)(lambda cfg: torch.nn.Identity())
     with pytest.raises(KeyError, match="unknown thing 'b'"):
         reg.builder("b")
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_the_small_cnn_pools_before_its_relu_with_the_outputs_and_gradients_of_the_seed_order(train: bool) -> None:
+    """SmallCNN runs conv + BN, pool, ReLU; the seed design's order is conv + BN + ReLU, pool. The same
+    parameter names load into both, and both give the same outputs and gradients to the bit."""
+    torch.manual_seed(5)
+    widths = (8, 16, 32)
+    cnn = SmallCNN(3, widths)
+    blocks: list[torch.nn.Module] = []
+    c_in = 3
+    for width in widths:
+        blocks += [conv_bn_relu(c_in, width), torch.nn.MaxPool2d(2)]
+        c_in = width
+    seed_order = torch.nn.Sequential(torch.nn.Sequential(*blocks), torch.nn.AdaptiveAvgPool2d(1))
+    # the parameters and buffers under the names that checkpoints hold (features.{2i}.{0,1}.*)
+    seed_order.load_state_dict({k.replace("features.", "0."): v for k, v in cnn.state_dict().items()}, strict=True)
+    assert len(cnn.state_dict()) == len(seed_order.state_dict())
+    cnn.train(train), seed_order.train(train)
+    x = torch.randn(6, 3, 32, 32)
+    # about one pooling window in 16 is all negative after a random conv: there the ReLU ties at zero
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out, ref = cnn(a), seed_order(b).flatten(1)
+    assert torch.equal(out, ref)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert a.grad is not None and b.grad is not None and torch.equal(a.grad, b.grad)
+    for (name, p), (_, q) in zip(cnn.named_parameters(), seed_order.named_parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None and torch.equal(p.grad, q.grad), name
 
 
 @pytest.mark.parametrize("name", ["lstm", "resnet-lstm", "resnet-attention-1ch"])
