@@ -21,20 +21,25 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 
 from app.main import create_app
-from app.settings import Settings
+from app.settings import GROUPS, Settings
 
 log = logging.getLogger("app")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One flag per setting, in the settings' groups (docs/configuration.md)."""
     parser = argparse.ArgumentParser(prog="python -m app", description="Serve fusionserve checkpoints over HTTP.")
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = f"{field.description or ''} (env FUSIONSERVE_{name.upper()})".strip()
-        if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, dest=name, default=None, help=help_text)
+    for title, group in GROUPS.items():
+        section = parser.add_argument_group(title)
+        for name, field in group.model_fields.items():
+            flag = "--" + name.replace("_", "-")
+            help_text = f"{field.description or ''} (env FUSIONSERVE_{name.upper()})".strip()
+            if field.annotation is bool:
+                section.add_argument(
+                    flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+                )
+            else:
+                section.add_argument(flag, dest=name, default=None, help=help_text)
     return parser
 
 

@@ -1,34 +1,19 @@
-"""Batch limits found by measuring, not guessing.
+"""Batch limits found by measuring the model at start, not by guessing.
 
-At warm-up the model's forward time is measured on the actual device for growing
-batch sizes at the model's clip length. The chosen limit is the largest batch size
-whose forward pass stays within the latency budget and whose clips/s is within
-``tolerance`` (20%) of the best size's. 20% is the spread of the sweep itself between
-server starts on a shared 2-core machine (one size read 105 to 128 clips/s from one start
-to the next); with 10%, the seed model's limit came out 4 in one start of ten (16 or 32 in
-the others; docs/PERFORMANCE.md). A large limit costs nothing when the server is
-quiet (the batcher runs whatever is queued, a lone clip at once); under load it lets
-the server's own per-batch costs (thread hand-offs, copies, Python) spread over more
-clips. On a CPU where batching is flat, a limit of 1 would leave that on the table:
-measured end to end, the seed model served 1.10x the clips/s with a limit of 32 as with
-the 2 an earlier rule picked (docs/PERFORMANCE.md). The frame limit follows as batch
-size x clip length. The sweep doubles the
-batch until the budget or 64 clips; it does not stop at a flat stretch, because on CPUs
-throughput can jump late (cache effects: the seed model gains 1.4x only at 16 clips).
-The sizes are timed in turns (1, 2, 4, ..., then again), each keeping its fastest sample,
-so that a slow moment of a shared machine does not single out one size; and every sample
-runs the same number of clips (the largest size's: 32 single clips against one batch of
-32), because a shared machine's speed swings on a scale of a second: with one call per
-sample, a 10 ms call could often fall entirely in a fast moment and a 400 ms one rarely,
-which made small batches look up to 1.7x faster than large ones that sustained the same
-rate (docs/PERFORMANCE.md).
+The forward pass is timed on the actual device for batch sizes 1, 2, 4, ... at the model's
+clip length, up to 64 clips or the first size over the latency budget. The sizes are timed
+in turns, each sample running the same number of clips and each size keeping its fastest
+sample, so that a slow stretch of a shared machine hits every size alike. The limit is the
+largest size within the budget whose clips/s is within ``tolerance`` of the best size's: a
+large limit costs nothing while the server is quiet (a lone clip runs at once), and under
+load it spreads the server's per-batch costs over more clips. The frame limit follows as
+batch size x clip length.
 
-The same measurement sets when a second instance (``INSTANCES``, CPU) starts beside a busy
-one (``share_from``): once a quarter of a batch waits when batching gains more than the
+The same measurement sets when a second instance (``INSTANCES``, CPU) joins a busy one
+(``share_from``): once a quarter of a batch waits when batching gains more than the
 tolerance over single clips, so that such a model keeps batching under load; at once when
-it does not, because two single-threaded passes side by side then beat one pass on both
-threads (a flat seed model on 2 cores: 1.23x the clips/s at c=8 with single clips on two
-instances, against batches of 4 on one; docs/PERFORMANCE.md).
+it does not, because two single-clip passes side by side then beat one pass on both threads.
+docs/performance.md gives the measurements behind both rules.
 """
 
 from __future__ import annotations

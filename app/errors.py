@@ -1,109 +1,68 @@
-"""Errors and their HTTP answers.
+"""The service's domain errors. The core raises these; the HTTP edge (``app.api.errors``) alone
+turns them into statuses and error bodies.
 
-Routes raise ``ApiError``; the service answers ``{"error": {"code", "message"}}`` with
-its status, except under ``/v2`` where the KServe protocol's ``{"error": "..."}`` is used.
-Nothing a client sends ever becomes a 500.
+The input errors come from ``media`` (decoding raises them, in a decode process too); the rest
+say what happened to a request that was well formed.
 """
 
 from __future__ import annotations
 
-import logging
+from media.errors import BadInput, InputError, TooLarge, UnsupportedMedia, WrongShape
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-log = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
-
-    def __reduce__(self) -> tuple[type[ApiError], tuple[int, str, str, dict[str, str]]]:
-        # raised in a decode process (DECODE_PROCESSES) and pickled back to the server whole
-        return type(self), (self.status, self.code, self.message, self.headers)
-
-
-def bad_input(message: str) -> ApiError:
-    return ApiError(400, "bad_input", message)
+__all__ = [
+    "BadInput",
+    "ClientGone",
+    "Closed",
+    "DecoderFailed",
+    "InferenceFailed",
+    "InputError",
+    "NotFound",
+    "NotReady",
+    "Overloaded",
+    "ServiceError",
+    "TimedOut",
+    "TooLarge",
+    "Unauthorized",
+    "UnsupportedMedia",
+    "WrongShape",
+]
 
 
-def too_large(message: str) -> ApiError:
-    return ApiError(413, "too_large", message)
+class ServiceError(Exception):
+    """A request the service could not answer, though nothing was wrong with its input."""
 
 
-def unsupported(message: str) -> ApiError:
-    return ApiError(415, "unsupported_media_type", message)
+class NotFound(ServiceError):
+    """No model (or model version) by that name."""
 
 
-def wrong_shape(message: str) -> ApiError:
-    return ApiError(422, "wrong_shape", message)
+class NotReady(ServiceError):
+    """Still loading, or shutting down: try again (elsewhere)."""
 
 
-def not_found(message: str) -> ApiError:
-    return ApiError(404, "not_found", message)
+class Closed(NotReady):
+    """A model's batcher is shutting down and takes no new work."""
 
 
-def overloaded(message: str, retry_after_s: int = 1) -> ApiError:
-    return ApiError(503, "overloaded", message, {"Retry-After": str(retry_after_s)})
+class Overloaded(ServiceError):
+    """A model's queue, or its uploads waiting to be decoded, are at their limit."""
 
 
-def not_ready(message: str) -> ApiError:
-    return ApiError(503, "not_ready", message, {"Retry-After": "1"})
+class DecoderFailed(ServiceError):
+    """A decode process died while decoding this clip, twice: try again."""
 
 
-def timed_out(message: str) -> ApiError:
-    return ApiError(504, "timeout", message)
+class TimedOut(ServiceError):
+    """Not decoded within DECODE_TIMEOUT_S, or queued longer than REQUEST_TIMEOUT_S."""
 
 
-def unauthorized(message: str) -> ApiError:
-    return ApiError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
+class InferenceFailed(ServiceError):
+    """The model raised on this clip, alone."""
 
 
-_CODES = {
-    400: "bad_input",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "too_large",
-    415: "unsupported_media_type",
-    422: "wrong_shape",
-}
+class ClientGone(ServiceError):
+    """The client disconnected before its answer was ready."""
 
 
-def error_response(
-    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    body: object = (
-        {"error": message} if request.url.path.startswith("/v2") else {"error": {"code": code, "message": message}}
-    )
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def install_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(request, exc.status, exc.code, exc.message, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()[:5]]
-        return error_response(request, 422, "invalid_request", "; ".join(parts) or "invalid request")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(
-            request,
-            exc.status_code,
-            _CODES.get(exc.status_code, "http_error"),
-            str(exc.detail),
-            dict(exc.headers or {}),
-        )
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(request, 500, "internal", "internal error; see the server log")
+class Unauthorized(ServiceError):
+    """A missing or wrong API key."""

@@ -1,4 +1,8 @@
-"""Build the FastAPI app: lifespan (load, warm, serve, drain), middleware and routers."""
+"""Build the FastAPI app: lifespan (load, warm, serve, drain), middleware, routers, error handlers.
+
+With ``app/__main__.py`` this is the composition root: the one module that wires the core
+(``app.loading``, ``app.service``) to the HTTP layer (``app.api``).
+"""
 
 from __future__ import annotations
 
@@ -11,27 +15,28 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api import ops, predict, v2
-from app.errors import install_handlers
+from app.api.errors import install_handlers
+from app.api.middleware import BodyDecoding, BodyLimit, RequestMetrics
+from app.loading import load
 from app.metrics import Metrics
-from app.middleware import BodyDecoding, BodyLimit, RequestMetrics
+from app.service import Service
 from app.settings import Settings
-from app.state import Service
-from models.system import tune_malloc
+from host.malloc import tune_malloc
 
 log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    tune_malloc()  # before the first large allocation; see models.system
+    tune_malloc()  # before the first large allocation (host.malloc)
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("event loop: %s", type(asyncio.get_running_loop()).__module__.split(".")[0])  # uvloop or asyncio
-        service = Service(settings, metrics)
+        loaded = await asyncio.to_thread(load, settings, metrics)
+        service = Service(settings, metrics, loaded)
         app.state.service = service
-        await asyncio.to_thread(service.load)
         service.ready = True
         metrics.ready.set(1)
         log.info("ready: %s (default %s)", ", ".join(service.models), service.default_model)

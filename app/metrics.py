@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from app.batcher import BatchStats
+from app.batching import BatchStats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -14,9 +14,10 @@ FRAME_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 class Metrics:
+    """Every metric the service exports, registered in a registry of its own."""
+
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
+        self.registry = r = CollectorRegistry()
         self.requests = Counter(
             "fusionserve_requests", "HTTP requests by route and status", ["method", "route", "status"], registry=r
         )
@@ -26,22 +27,19 @@ class Metrics:
         self.decode_seconds = Histogram(
             "fusionserve_decode_seconds", "decoding one request's clip", ["kind"], buckets=LATENCY_BUCKETS, registry=r
         )
-        self.queue_seconds = Histogram(
-            "fusionserve_queue_seconds",
-            "time a clip waited for its batch",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self._batching(r)
+        self._process(r)
+
+    def _batching(self, r: CollectorRegistry) -> None:
+        def per_model(name: str, text: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, text, ["model"], buckets=buckets, registry=r)
+
+        self.queue_seconds = per_model("fusionserve_queue_seconds", "time a clip waited for its batch", LATENCY_BUCKETS)
+        self.inference_seconds = per_model(
+            "fusionserve_inference_seconds", "forward pass of one batch", LATENCY_BUCKETS
         )
-        self.inference_seconds = Histogram(
-            "fusionserve_inference_seconds", "forward pass of one batch", ["model"], buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.batch_size = Histogram(
-            "fusionserve_batch_size", "clips per batch", ["model"], buckets=SIZE_BUCKETS, registry=r
-        )
-        self.batch_frames = Histogram(
-            "fusionserve_batch_frames", "frames per batch", ["model"], buckets=FRAME_BUCKETS, registry=r
-        )
+        self.batch_size = per_model("fusionserve_batch_size", "clips per batch", SIZE_BUCKETS)
+        self.batch_frames = per_model("fusionserve_batch_frames", "frames per batch", FRAME_BUCKETS)
         self.queue_depth = Gauge("fusionserve_queue_depth", "clips waiting", ["model"], registry=r)
         self.dropped = Counter(
             "fusionserve_dropped_clips", "clips dropped before compute", ["model", "reason"], registry=r
@@ -49,6 +47,8 @@ class Metrics:
         self.model_info = Gauge(
             "fusionserve_model_info", "loaded models (value 1)", ["model", "version", "device", "head"], registry=r
         )
+
+    def _process(self, r: CollectorRegistry) -> None:
         self.ready = Gauge("fusionserve_ready", "1 when every model is loaded and warmed", registry=r)
         self.memory_trims = Gauge(
             "fusionserve_memory_trims",

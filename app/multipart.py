@@ -1,11 +1,8 @@
 """A multipart/form-data body, already read, -> its parts (the ``multipart`` package's push parser).
 
-``/predict`` reads the whole body on the event loop (it is bounded by ``BodyLimit``) and
-hands it to a decode thread or process, which splits it here and decodes the frames in the
-same job. Starlette's form parser would run on the event loop and give each part an
-``UploadFile`` (a spooled temporary file): 0.8-0.9 ms for a body of 16 JPEG frames;
-python-multipart's parser with callbacks that keep each part's bytes took 0.51 ms, this
-parser 0.1 ms (docs/PERFORMANCE.md).
+A decode thread or process splits the body here and decodes its frames in the same job, off
+the event loop; Starlette's form parser would run on the loop and spool each part to a
+temporary file, several times slower (docs/performance.md: decoding).
 """
 
 from __future__ import annotations
@@ -14,7 +11,7 @@ from dataclasses import dataclass, field
 
 from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
 
-from app.errors import bad_input, wrong_shape
+from media.errors import BadInput, WrongShape
 
 
 @dataclass
@@ -36,7 +33,7 @@ def parse_form(body: bytes, content_type: str, max_files: int, max_fields: int =
     """
     boundary = parse_options_header(content_type)[1].get("boundary")
     if not boundary:
-        raise bad_input("the multipart body could not be parsed (no boundary in its content type)")
+        raise BadInput("the multipart body could not be parsed (no boundary in its content type)")
     parts: list[Part] = []
     files = 0
     try:  # the parser's own segment limit lies past ours, so that ours (422 for frames) speaks first
@@ -44,17 +41,17 @@ def parse_form(body: bytes, content_type: str, max_files: int, max_fields: int =
             for event in parser.parse(body):
                 if isinstance(event, MultipartSegment):
                     if event.disposition != "form-data" or event.name is None:
-                        raise bad_input("the multipart body could not be parsed (a part without a form-data name)")
+                        raise BadInput("the multipart body could not be parsed (a part without a form-data name)")
                     if event.filename is None:
                         if len(parts) - files >= max_fields:
-                            raise bad_input(f"the multipart body has more than {max_fields} fields")
+                            raise BadInput(f"the multipart body has more than {max_fields} fields")
                     else:
                         files += 1
                         if files > max_files:
-                            raise wrong_shape(f"more file parts (frames) than the limit of {max_files}")
+                            raise WrongShape(f"more file parts (frames) than the limit of {max_files}")
                     parts.append(Part(event.name, event.filename))
                 elif event:  # a chunk of the current part's bytes (None ends the part)
                     parts[-1].chunks.append(bytes(event))
     except MultipartError as exc:  # malformed, incomplete, or past the parser's limits
-        raise bad_input(f"the multipart body could not be parsed ({exc})") from exc
+        raise BadInput(f"the multipart body could not be parsed ({exc})") from exc
     return parts

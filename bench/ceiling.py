@@ -27,13 +27,15 @@ import torch
 from PIL import Image
 
 from app.autotune import make_batch
-from app.decode import InputLimits, decode_image
-from app.preprocess import decode_video, frames_to_clip
-from app.runtime import PASS_PIXELS, frames_per_encoder_pass
+from app.preprocess import array_to_clip
+from app.runtime import frames_per_encoder_pass
+from app.settings import PASS_PIXELS
+from app.uploads import Target, video_frames
 from bench.media import encode_jpeg, encode_mp4, synth_clips
+from host.malloc import tune_malloc
+from media import FrameFormat, Limits, decode_image
 from models import InputSpec, LSTMHeadConfig, ModelConfig, SmallCNNConfig, build_model, load_checkpoint, save_checkpoint
 from models.encoders import fold_batchnorm
-from models.system import tune_malloc
 from training.synth import LABELS
 
 
@@ -76,7 +78,7 @@ def per_call(fn: Callable[[], Any], min_time: float = 0.5, min_calls: int = 3) -
 def random_clips(batch: int, frames: int, spec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch`` random uint8 clips of ``frames`` frames, concatenated (N, C, H, W) with channels-last
     strides (as the server's decoded frames arrive), and their lengths."""
-    return make_batch(batch, frames, (spec["channels"], spec["height"], spec["width"]))
+    return make_batch(batch, frames, (spec.channels, spec.height, spec.width))
 
 
 def forward_ceiling(
@@ -122,13 +124,13 @@ def runtime_ceiling(
     device = torch.device("cuda")
     rows = []
     for precision, graphs in CUDA_MODES:
-        runtime = ModelRuntime(ckpt, device, precision, graphs)
+        runtime = ModelRuntime(ckpt, device, precision=precision, cuda_graphs=graphs)
         runtime.warm_up(max(lengths))
         runtime.prepare(max(batches))  # graphs for the model's clip length, as the server does at start
         for T in lengths:
             for B in batches:
                 frames, lengths_t = random_clips(B, T, ckpt.input)
-                seconds = per_call(lambda f=frames, n=lengths_t, r=runtime: r.infer(f, n), min_time)
+                seconds = per_call(lambda f=frames, n=lengths_t, r=runtime: r.run(f, n).result(), min_time)
                 mode = f"runtime {precision}" + (" graphs" if graphs else "")
                 rows.append(_row(device, mode, T, B, seconds))
                 if pipelined and graphs:
@@ -136,11 +138,11 @@ def runtime_ceiling(
                     def two_in_flight(
                         f: torch.Tensor = frames, n: torch.Tensor = lengths_t, r: ModelRuntime = runtime
                     ) -> None:
-                        handles = [r.launch(f, n)]
+                        handles = [r.run(f, n)]
                         for _ in range(7):
-                            handles.append(r.launch(f, n))
-                            handles.pop(0).wait()
-                        handles.pop(0).wait()
+                            handles.append(r.run(f, n))
+                            handles.pop(0).result()
+                        handles.pop(0).result()
 
                     rows.append(_row(device, mode + " 2 in flight", T, B, per_call(two_in_flight, min_time) / 8))
         if runtime.cuda_graphs != graphs:
@@ -168,9 +170,10 @@ def jpeg_frames(size: int, count: int = 16) -> list[bytes]:
     return [encode_jpeg(frame) for frame in synth_clips(1, count, size)[0]]
 
 
-def preprocessing_costs(spec: dict[str, Any], min_time: float) -> list[dict[str, Any]]:
+def preprocessing_costs(spec: InputSpec, min_time: float) -> list[dict[str, Any]]:
     """Per 16-frame clip: full decode, reduced decode + resize to the model's size, to tensor; MP4 decode."""
-    limits = InputLimits(spec["height"], spec["width"], spec["channels"], 16, 64, 4096 * 4096)
+    fmt = FrameFormat.of(spec)
+    target = Target(fmt, 16, Limits(64, 4096 * 4096))
     rows = []
     for size in (64, 224):
         blobs = jpeg_frames(size)
@@ -181,14 +184,14 @@ def preprocessing_costs(spec: dict[str, Any], min_time: float) -> list[dict[str,
                     img.convert("RGB").load()
 
         def decode_resize(blobs: list[bytes] = blobs) -> list[np.ndarray]:
-            return [decode_image(b, limits, i) for i, b in enumerate(blobs)]
+            return [decode_image(b, fmt, index=i) for i, b in enumerate(blobs)]
 
         def pillow_decode_resize(blobs: list[bytes] = blobs) -> list[np.ndarray]:
             out = []
             for b in blobs:  # the server's way before simplejpeg: Pillow's draft mode, then a resize
                 with Image.open(io.BytesIO(b)) as img:
-                    img.draft("RGB", (limits.width, limits.height))
-                    out.append(np.asarray(img.convert("RGB").resize((limits.width, limits.height))))
+                    img.draft("RGB", fmt.size)
+                    out.append(np.asarray(img.convert("RGB").resize(fmt.size)))
             return out
 
         arrays = decode_resize()
@@ -196,7 +199,7 @@ def preprocessing_costs(spec: dict[str, Any], min_time: float) -> list[dict[str,
             "decode (full size, Pillow)": full_decode,
             "decode at model size + resize (Pillow draft)": pillow_decode_resize,
             "decode at model size + resize (server)": decode_resize,
-            "to tensor (T, C, H, W)": lambda arrays=arrays: frames_to_clip(arrays),
+            "to tensor (T, C, H, W)": lambda arrays=arrays: array_to_clip(np.stack(arrays)),
         }
         for step, fn in steps.items():
             rows.append(
@@ -211,7 +214,7 @@ def preprocessing_costs(spec: dict[str, Any], min_time: float) -> list[dict[str,
         {
             "input": "MP4 16 frames 64x64",
             "step": "decode + resize + sample (server)",
-            "ms_per_clip": round(per_call(lambda: decode_video(video, limits, 16), min_time) * 1000, 3),
+            "ms_per_clip": round(per_call(lambda: array_to_clip(video_frames(video, target, 16)), min_time) * 1000, 3),
         }
     )
     return rows
@@ -225,8 +228,8 @@ def http_costs(labels: list[str], min_time: float) -> list[dict[str, Any]]:
     from pydantic import TypeAdapter
     from starlette.requests import Request
 
+    from app.api.schemas import Prediction, Timing, TopK
     from app.multipart import parse_form
-    from app.schemas import Prediction, Timing, TopK
     from bench.loadgen import jpeg_payload
 
     payload = jpeg_payload(synth_clips(1, 16, 64)[0])

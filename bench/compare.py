@@ -1,10 +1,12 @@
-"""A/B of two server configurations: both up at once, closed-loop runs interleaved A, B, B, A, A, B, ...
+"""A/B (or A/B/C) of server configurations: all up at once, closed-loop runs interleaved A, B, B, A, ...
 
 Interleaving over ``--rounds`` spreads drift on a shared machine (other tenants, thermal,
-page cache) over both sides alike; the report gives each side's median per concurrency
-and the ratio B/A for clips/s, p50 and p99. ``--b-frame-size`` sends side B frames of
-another size (the same settings on both sides then compare inputs, not configurations:
-224x224 frames that the server resizes against frames already at the model's size).
+page cache) over every side alike; the report gives each side's median per concurrency
+and the ratios B/A (and C/A) for clips/s, p50 and p99. ``--b-frame-size`` sends side B
+frames of another size (the same settings on both sides then compare inputs, not
+configurations: 224x224 frames that the server resizes against frames already at the
+model's size). A side's ``PYTHON*`` variables keep their names, so
+``--a PYTHONSAFEPATH=1,PYTHONPATH=/path/to/old/checkout`` runs side A on another commit.
 """
 
 from __future__ import annotations
@@ -48,18 +50,20 @@ def ratio(b: float | None, a: float | None) -> float | None:
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Medians per side, B/A ratios, and the errors of all runs of one concurrency."""
+    """Medians per side, each other side's ratios over A, and the errors of all runs of one concurrency."""
     out: dict[str, Any] = {}
-    for side in ("A", "B"):
+    for side in runs:
         out[side] = {m: median([r[m] for r in runs[side]]) for m in METRICS}
         out[side]["batch_size"] = median([r["server"]["batch_size"] for r in runs[side]])
         out[side]["errors"] = sum(sum(r["errors"].values()) for r in runs[side])
-    out["ratio_b_over_a"] = {m: ratio(out["B"][m], out["A"][m]) for m in METRICS}
+    for side in runs:
+        if side != "A":
+            out[f"ratio_{side.lower()}_over_a"] = {m: ratio(out[side][m], out["A"][m]) for m in METRICS}
     return out
 
 
 async def run_rounds(servers: dict[str, ServerProcess], args: argparse.Namespace) -> dict[str, Any]:
-    sizes = {"A": args.frame_size, "B": args.b_frame_size or args.frame_size}
+    sizes = {side: args.frame_size for side in servers} | {"B": args.b_frame_size or args.frame_size}
     payloads = {side: loadgen.build_payloads(args.payload, args.clips, args.frames, sizes[side]) for side in sizes}
     result: dict[str, Any] = {"runs": {}, "summary": {}, "frame_size": sizes}
     result["payload_mean_bytes"] = {side: round(statistics.mean(len(p.body) for p in payloads[side])) for side in sizes}
@@ -85,6 +89,8 @@ async def run_rounds(servers: dict[str, ServerProcess], args: argparse.Namespace
 def run(args: argparse.Namespace) -> dict[str, Any]:
     checkpoint = resolve_checkpoint(args.checkpoint)
     envs = {"A": parse_side(args.a), "B": parse_side(args.b)}
+    if args.c is not None:
+        envs["C"] = parse_side(args.c)
     servers = {side: ServerProcess(checkpoint, env) for side, env in envs.items()}
     with running(*servers.values()):
         rounds = asyncio.run(run_rounds(servers, args))
@@ -104,18 +110,24 @@ def _fmt(value: Any) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    head = "| concurrency | " + " | ".join(f"A {m} | B {m} | B/A" for m in METRICS) + " | batch A/B | errors A/B |"
+    sides = list(result["server_env"])
+    others = sides[1:]
+    head = "| concurrency | " + " | ".join(
+        " | ".join([*(f"{side} {m}" for side in sides), *(f"{o}/A" for o in others)]) for m in METRICS
+    )
+    head += f" | batch {'/'.join(sides)} | errors {'/'.join(sides)} |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for c, s in result["summary"].items():
         cells = [c]
         for m in METRICS:
-            cells += [_fmt(s["A"][m]), _fmt(s["B"][m]), _fmt(s["ratio_b_over_a"][m])]
-        cells.append(f"{_fmt(s['A']['batch_size'])}/{_fmt(s['B']['batch_size'])}")
-        cells.append(f"{s['A']['errors']}/{s['B']['errors']}")
+            cells += [_fmt(s[side][m]) for side in sides]
+            cells += [_fmt(s[f"ratio_{o.lower()}_over_a"][m]) for o in others]
+        cells.append("/".join(_fmt(s[side]["batch_size"]) for side in sides))
+        cells.append("/".join(str(s[side]["errors"]) for side in sides))
         lines.append("| " + " | ".join(cells) + " |")
     env, sizes = result["server_env"], result["frame_size"]
     lines.append("")
-    lines += [f"{side}: {env[side] or 'defaults'}, {sizes[side]}px frames" for side in ("A", "B")]
+    lines += [f"{side}: {env[side] or 'defaults'}, {sizes[side]}px frames" for side in sides]
     return "\n".join(lines)
 
 
@@ -126,6 +138,7 @@ def add_parser(sub: Any) -> None:
     add_common(p)
     p.add_argument("--a", required=True, metavar="KEY=VALUE[,...]", help="settings of server A ('' for defaults)")
     p.add_argument("--b", required=True, metavar="KEY=VALUE[,...]", help="settings of server B")
+    p.add_argument("--c", metavar="KEY=VALUE[,...]", help="settings of a third server C, also compared with A")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="closed-loop levels")
     p.add_argument("--rounds", type=int, default=2, help="turns per concurrency (A B, then B A, ...)")
     p.add_argument(

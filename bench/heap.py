@@ -25,7 +25,7 @@ import uvicorn
 
 from bench import loadgen, wrk
 from bench.serve import machine, resolve_checkpoint
-from models.system import heap_stats
+from host.malloc import heap_stats
 
 
 def rss_mb() -> float:

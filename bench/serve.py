@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -492,17 +491,17 @@ class InRunCeiling:
     Every measurement runs on the thread that made it (the main thread, the event loop
     blocked meanwhile), never on a worker thread: a second thread that runs torch on two
     threads gets a second OpenMP team, and with more team threads than cores libgomp's
-    workers sleep between parallel regions instead of spinning. Until the third session of
-    2026-12-02 the between-levels ceilings and the c=1 references ran through
-    ``asyncio.to_thread`` and read up to 1.5x low (docs/PERFORMANCE.md).
+    workers sleep between parallel regions instead of spinning, and the ceiling reads low.
     """
 
     BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
     def __init__(self, checkpoint: Path, frames: int, seconds: float, pass_pixels: int | None = None) -> None:
-        from app.runtime import PASS_PIXELS, ModelRuntime, pick_device, pick_precision
+        from app.runtime import ModelRuntime, pick_precision
+        from app.settings import PASS_PIXELS
+        from host.device import pick_device
+        from host.malloc import tune_malloc
         from models import load_checkpoint
-        from models.system import tune_malloc
 
         tune_malloc()
         self.device = pick_device("auto")
@@ -511,7 +510,7 @@ class InRunCeiling:
         self.runtime = ModelRuntime(
             ckpt,
             self.device,
-            pick_precision("auto", self.device),
+            precision=pick_precision("auto", self.device),
             cuda_graphs=True,
             pass_pixels=PASS_PIXELS if pass_pixels is None else pass_pixels,  # the server's, unless set
         )
@@ -523,17 +522,19 @@ class InRunCeiling:
         from bench.ceiling import random_clips, timed_calls
 
         clips, lengths = random_clips(batch, self.frames, self.spec)
-        sustained, fastest = timed_calls(lambda: self.runtime.infer(clips, lengths), self.seconds)
+        sustained, fastest = timed_calls(lambda: self.runtime.run(clips, lengths).result(), self.seconds)
         return round(batch / sustained, 1), round(batch / fastest, 1)
 
     def decoder(self, payload: loadgen.Payload) -> Callable[[], Any]:
-        """The server's decoding of ``payload``'s parts (``app.preprocess``), as a call."""
-        from app.preprocess import decode_images, decode_video
+        """The server's decoding of ``payload``'s parts (``app.uploads``), as a call."""
+        from app.preprocess import array_to_clip
+        from app.uploads import Target, image_frames, video_frames
+        from media import FrameFormat, Limits
 
-        limits = self.runtime.limits(max(payload.frames, self.frames), 1 << 31)
+        target = Target(FrameFormat.of(self.spec), self.frames, Limits(max(payload.frames, self.frames), 1 << 31))
         if payload.kind == "mp4":
-            return functools.partial(decode_video, payload.media[0], limits, payload.frames)
-        return functools.partial(decode_images, list(payload.media), limits)
+            return lambda: array_to_clip(video_frames(payload.media[0], target, payload.frames))
+        return lambda: array_to_clip(image_frames(list(payload.media), target))
 
     def interleaved(self, url: str, payload: loadgen.Payload, requests: int, warmup: int = 5) -> dict[str, Any]:
         """``requests`` requests of ``payload``, one at a time, each followed at once by the same
@@ -554,7 +555,7 @@ class InRunCeiling:
                 started = time.perf_counter()
                 http.post(url, content=payload.body, headers=headers).raise_for_status()
                 answered = time.perf_counter()
-                self.runtime.infer(decode(), lengths)
+                self.runtime.run(decode(), lengths).result()
                 if i >= warmup:
                     latency.append(answered - started)
                     inprocess.append(time.perf_counter() - answered)
@@ -582,7 +583,7 @@ class InRunCeiling:
         decode = self.decoder(payload)
         clip = decode()
         lengths = torch.tensor([clip.shape[0]])
-        self.runtime.infer(clip, lengths)
+        self.runtime.run(clip, lengths).result()
         seconds = self.seconds if seconds is None else seconds
         decoding = forwarding = 0.0
         calls = 0
@@ -590,11 +591,12 @@ class InRunCeiling:
             started = time.perf_counter()
             one = decode()
             decoded = time.perf_counter()
-            self.runtime.infer(one, lengths)
+            self.runtime.run(one, lengths).result()
             decoding, forwarding = decoding + decoded - started, forwarding + time.perf_counter() - decoded
             calls += 1
         hot = (
-            timed_calls(decode, seconds / 2)[0] + timed_calls(lambda: self.runtime.infer(clip, lengths), seconds / 2)[0]
+            timed_calls(decode, seconds / 2)[0]
+            + timed_calls(lambda: self.runtime.run(clip, lengths).result(), seconds / 2)[0]
         )
         ms = {"decode_ms": decoding / calls * 1000, "forward_ms": forwarding / calls * 1000}
         ms |= {"total_ms": ms["decode_ms"] + ms["forward_ms"], "hot_total_ms": hot * 1000}

@@ -51,6 +51,11 @@ class InputSpec:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
 
     @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InputSpec:
+        """The spec as ``to_dict`` wrote it (lists back to tuples); unknown keys are an error."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})  # type: ignore[arg-type]
+
+    @classmethod
     def for_model(cls, config: ModelConfig, *, frames: int, min_frames: int, max_frames: int) -> InputSpec:
         return cls(
             config.image_size,
@@ -85,8 +90,9 @@ class Checkpoint:
         return list(self.metadata["labels"])
 
     @property
-    def input(self) -> dict[str, Any]:
-        return dict(self.metadata["input"])
+    def input(self) -> InputSpec:
+        """What the model takes: frame size, channels, normalisation, clip lengths."""
+        return InputSpec.from_dict(self.metadata["input"])
 
 
 def save_checkpoint(

@@ -58,8 +58,8 @@ class FusedClassifier(nn.Module):
         assert frames.dim() == 4 and frames.shape[1] == self.config.in_channels, (
             f"expected frames (N, {self.config.in_channels}, H, W), got {tuple(frames.shape)}"
         )
-        # channels-last runs the CPU convolutions 1.6-2.5x faster (see docs/PERFORMANCE.md); the
-        # layout is set on the input (a uint8 copy, if any), and the multiply-add's output keeps it.
+        # channels-last runs the CPU convolutions faster (docs/performance.md); the layout is set
+        # on the input (a uint8 copy, if any), and the multiply-add's output keeps it.
         fmt = torch.channels_last if self.config.channels_last else torch.contiguous_format
         x = frames.contiguous(memory_format=fmt)
         if x.dtype == torch.uint8:

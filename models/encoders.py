@@ -54,9 +54,8 @@ class SmallCNN(nn.Module):
 
     Each block runs as conv + BN, then the pool, then the ReLU: max and ReLU commute
     (``relu(max(a, b)) == max(relu(a), relu(b))``), so the outputs and gradients are those of
-    conv + BN + ReLU + pool to the bit, and the ReLU passes over a quarter of the values (the
-    seed's shape in-process: 1.04-1.06x per forward pass, 1.11x per training step; see
-    docs/PERFORMANCE.md). The parameters keep their names (``features.{2i}.{0,1}``): the pool
+    conv + BN + ReLU + pool to the bit, and the ReLU passes over a quarter of the values
+    (docs/performance.md). The parameters keep their names (``features.{2i}.{0,1}``): the pool
     and the ReLU have none.
     """
 

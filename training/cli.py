@@ -8,30 +8,46 @@ import logging
 import sys
 from pathlib import Path
 
+from host.malloc import tune_malloc
 from models import preset_names
-from models.system import tune_malloc
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description="Train and evaluate fusionserve models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_synth(sub.add_parser("synth", help="write the moving-digits dataset as folders of JPEG frames"))
+    add_fit(sub.add_parser("fit", help="train a model and write one .safetensors checkpoint"))
+    add_evaluate(sub.add_parser("evaluate", help="measure a checkpoint: report.json, confusion.png, curves.png"))
+    scan = sub.add_parser("scan", help="count clips per split and class; report unreadable or empty files")
+    scan.add_argument("--data", required=True, type=Path)
+    export = sub.add_parser("export", help="export a checkpoint (ONNX) and check it against PyTorch")
+    export.add_argument("checkpoint", type=Path)
+    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    export.add_argument("--out", required=True, type=Path)
+    return parser
 
-    synth = sub.add_parser("synth", help="write the moving-digits dataset as folders of JPEG frames")
+
+def add_synth(synth: argparse.ArgumentParser) -> None:
     synth.add_argument("--out", required=True, type=Path, help="output folder (train/ val/ test/ are created)")
     synth.add_argument(
-        "--clips-per-label",
-        type=int,
-        default=400,
-        help="train clips per label; val and test get a quarter each (default 400)",
+        "--clips-per-label", type=int, default=400, help="train clips per label; val and test get a quarter each"
     )
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.add_argument("--canvas", type=int, default=32, help="frame size in pixels (default 32)")
     synth.add_argument("--min-frames", type=int, default=8, help="shortest clip (default 8)")
     synth.add_argument("--max-frames", type=int, default=16, help="longest clip (default 16)")
 
-    fit = sub.add_parser("fit", help="train a model and write one .safetensors checkpoint")
-    fit.add_argument("--data", required=True, type=Path, help="dataset folder with train/ val/ test/")
+
+# fit's flags that override the config file's keys of the same names (None: not given)
+FIT_OVERRIDES = (
+    "model", "epochs", "batch_size", "lr", "frames", "image_size", "patience", "seed", "device", "workers",
+    "eval_clips", "augment", "hflip", "repeat_short", "name",
+)  # fmt: skip
+
+
+def add_fit(fit: argparse.ArgumentParser) -> None:
+    fit.add_argument("--data", required=True, type=Path, help="dataset folder: train/ val/ test/, or list files")
     fit.add_argument("--model", choices=preset_names(), help="temporal head (default lstm)")
     fit.add_argument("--out", required=True, type=Path, help="checkpoint to write (.safetensors)")
     fit.add_argument("--config", type=Path, help="TOML file with training settings; flags override it")
@@ -45,30 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     fit.add_argument("--workers", type=int, help="DataLoader worker processes")
     fit.add_argument("--eval-clips", type=int, help="temporal clips per video averaged at evaluation")
-    fit.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="random resized crop and horizontal flip (see --hflip)",
-    )
-    fit.add_argument(
-        "--hflip",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="flip in augmentation (turn off where left and right differ)",
-    )
-    fit.add_argument(
-        "--repeat-short",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="repeat frames of clips shorter than --frames",
-    )
+    on_off = {"action": argparse.BooleanOptionalAction, "default": None}
+    fit.add_argument("--augment", **on_off, help="random resized crop and horizontal flip (see --hflip)")
+    fit.add_argument("--hflip", **on_off, help="flip in augmentation (off where left and right differ)")
+    fit.add_argument("--repeat-short", **on_off, help="repeat frames of clips shorter than --frames")
     fit.add_argument("--name", help="model name stored in the checkpoint (default: the output file's stem)")
     fit.add_argument("--resume", type=Path, help="training state file (<out>.train-state.safetensors) to continue from")
     fit.add_argument("--log", type=Path, help="JSON-lines metrics log (default: <out>.log.jsonl)")
     fit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    ev = sub.add_parser("evaluate", help="measure a checkpoint: report.json, confusion.png, curves.png")
+
+def add_evaluate(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("checkpoint", type=Path)
     ev.add_argument("data_pos", nargs="?", type=Path, metavar="DATA", help="dataset folder (or use --data)")
     ev.add_argument("--data", type=Path, help="dataset folder")
@@ -81,15 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     ev.add_argument("--device", default="auto")
-
-    scan = sub.add_parser("scan", help="count clips per split and class; report unreadable or empty files")
-    scan.add_argument("--data", required=True, type=Path)
-
-    export = sub.add_parser("export", help="export a checkpoint (ONNX) and check it against PyTorch")
-    export.add_argument("checkpoint", type=Path)
-    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-    export.add_argument("--out", required=True, type=Path)
-    return parser
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -111,23 +105,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from training.config import load_config
     from training.fit import fit
 
-    overrides = {
-        k: getattr(args, k)
-        for k in (
-            "model",
-            "epochs",
-            "batch_size",
-            "lr",
-            "frames",
-            "image_size",
-            "patience",
-            "seed",
-            "device",
-            "workers",
-            "name",
-        )
-    }
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, {k: getattr(args, k) for k in FIT_OVERRIDES})
     result = fit(
         args.data, args.out, cfg, resume=args.resume, log_path=args.log, progress=False if args.no_progress else None
     )
@@ -146,11 +124,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from host.device import pick_device
     from models import load_checkpoint
     from training.config import TrainConfig
     from training.data import ClipDataset
     from training.evaluate import full_report, predict, write_report
-    from training.fit import Dist, EpochLoaders, pick_device
+    from training.fit import Dist, EpochLoaders
 
     data = args.data or args.data_pos
     if data is None:
@@ -161,9 +140,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ds = ClipDataset(
         data,
         args.split,
-        image_size=spec["height"],
-        frames=spec["frames"],
-        channels=spec["channels"],
+        image_size=spec.height,
+        frames=spec.frames,
+        channels=spec.channels,
         labels=ckpt.labels,
         repeat_short=ckpt.metadata["training"].get("config", {}).get("repeat_short", False),
     )

@@ -35,6 +35,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from media import FrameFormat, InputError, decode_image, decode_video, sample_indices, video_length
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -181,113 +183,29 @@ def has_val_split(root: Path) -> bool:
     return (root / "val").is_dir() or list_file(root, "val") is not None
 
 
-def sample_indices(
-    length: int,
-    frames: int,
-    *,
-    train: bool,
-    rng: np.random.Generator | None = None,
-    repeat: bool = False,
-    offset: float | None = None,
-) -> np.ndarray:
-    """Pick ``frames`` frame indices out of ``length``, one per equal segment (TSN).
-
-    Training takes a random position in each segment, evaluation its centre (or
-    ``offset`` in [0, 1) for multi-clip evaluation). A clip shorter than ``frames``
-    keeps all its frames, or with ``repeat`` repeats them to fill ``frames``.
-    """
-    if length <= frames and not repeat:
-        return np.arange(length)
-    edges = np.linspace(0, length, frames + 1)
-    if train:
-        rng = rng or np.random.default_rng()
-        where = rng.random(frames)
-    else:
-        where = np.full(frames, 0.5 if offset is None else offset)
-    picks = edges[:-1] + where * (edges[1:] - edges[:-1])
-    return np.minimum(picks.astype(np.int64), length - 1)
-
-
-def decode_frame(path: Path, size: int, channels: int) -> np.ndarray:
-    """One image file -> uint8 (C, size, size)."""
-    with Image.open(path) as img:
-        img.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode at reduced scale
-        img = img.convert("RGB" if channels == 3 else "L")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-
-
 class UnreadableClip(Exception):
     """A clip file or folder that could not be decoded."""
 
 
-# ---- video ------------------------------------------------------------------------------
-
-
-def video_length(path: Path) -> int:
-    """Frames in the first video stream, from the container header (0 when unknown)."""
-    import av
-
-    with av.open(str(path)) as container:
-        return _stream_length(container)
-
-
-def _stream_length(container: Any) -> int:
-    """Frame count from the stream header, else from the stream's or the container's duration."""
-    stream = container.streams.video[0]
-    rate = stream.average_rate or stream.guessed_rate
-    if stream.frames:
-        return int(stream.frames)
-    if stream.duration and rate:
-        return int(stream.duration * stream.time_base * rate)
-    if container.duration and rate:  # WebM/MKV often only know the container's duration (microseconds)
-        return round(container.duration / 1_000_000 * rate)
-    return 0
-
-
-def read_video(path: Path, pick: Callable[[int], np.ndarray], size: int, channels: int) -> np.ndarray:
-    """Decode the frames ``pick(length)`` chooses -> uint8 (T, C, size, size).
-
-    Seeks to each sampled frame (to the keyframe before it, then decodes forward)
-    instead of decoding the whole file; targets close together share one pass.
-    """
-    import av
-
-    fmt = "rgb24" if channels == 3 else "gray"
+def decode_frame(path: Path, fmt: FrameFormat) -> np.ndarray:
+    """One image file -> uint8 (H, W, C) at ``fmt``'s size, decoded as the server decodes an upload."""
     try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]  # single-threaded decoding: clips are short, workers parallelise
-            rate = stream.average_rate or stream.guessed_rate
-            if rate is None or stream.time_base is None:
-                raise UnreadableClip(f"{path}: no frame rate or time base")
-            length = _stream_length(container)
-            if length <= 0:
-                raise UnreadableClip(f"{path}: video has no frames")
-            wanted = pick(length)
-            start = stream.start_time or 0
-            per_frame = 1 / (rate * stream.time_base)  # pts units per frame
-            got: dict[int, np.ndarray] = {}
-            position = -1  # the last decoded frame; decoding starts at the beginning
-            frames_iter = container.decode(stream)
-            for target in sorted({int(t) for t in wanted}):
-                if target - position > 2 * float(rate):  # far ahead: seek to the keyframe before it
-                    container.seek(int(start + target * per_frame), stream=stream, backward=True, any_frame=False)
-                    frames_iter = container.decode(stream)
-                for frame in frames_iter:
-                    position = round((frame.pts - start) / per_frame) if frame.pts is not None else position + 1
-                    if position >= target:
-                        got[target] = frame.reformat(width=size, height=size, format=fmt).to_ndarray()
-                        break
-            if not got:
-                raise UnreadableClip(f"{path}: no frame could be decoded")
-    except (av.error.FFmpegError, OSError, IndexError, ValueError) as exc:
+        return decode_image(path.read_bytes(), fmt)
+    except (InputError, OSError) as exc:
         raise UnreadableClip(f"{path}: {exc}") from exc
-    last = got[max(got)]
-    out = [got.get(int(t), last) for t in wanted]  # a truncated tail repeats the last frame
-    arr = np.stack(out)
-    return arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+
+
+def to_clip(frames: np.ndarray) -> np.ndarray:
+    """(T, H, W, C) -> (T, C, H, W), contiguous: the layout batches of clips are concatenated in."""
+    return np.ascontiguousarray(frames.transpose(0, 3, 1, 2))
+
+
+def read_video(path: Path, pick: Callable[[int], np.ndarray], fmt: FrameFormat) -> np.ndarray:
+    """Decode the frames ``pick(length)`` chooses -> uint8 (T, C, H, W), seeking to far targets."""
+    try:
+        return to_clip(decode_video(path, fmt, pick, seek=True))
+    except InputError as exc:
+        raise UnreadableClip(f"{path}: {exc}") from exc
 
 
 # ---- dataset ----------------------------------------------------------------------------
@@ -361,6 +279,7 @@ class ClipDataset(Dataset[Item]):
         if not self.clips:
             raise ValueError(f"{self.root}: no readable clips in split {split!r}")
         self.image_size, self.channels, self.frames = image_size, channels, frames
+        self.format = FrameFormat(image_size, image_size, channels)
         self.train, self.repeat_short, self.augment, self.clip_offset = train, repeat_short, augment, clip_offset
         self.rng = np.random.default_rng(seed)
         if preload is None:  # small frame datasets: decode once, keep in memory
@@ -374,9 +293,9 @@ class ClipDataset(Dataset[Item]):
 
     def _load_all(self, clip: ClipRef) -> np.ndarray | None:
         try:
-            return np.stack([decode_frame(f, self.image_size, self.channels) for f in clip.frames])
-        except (OSError, ValueError, SyntaxError) as exc:
-            log.warning("skipped %s: %s", clip.path, exc)
+            return to_clip(np.stack([decode_frame(f, self.format) for f in clip.frames]))
+        except UnreadableClip as exc:
+            log.warning("skipped %s", exc)
             return None
 
     def _pick(self, length: int) -> np.ndarray:
@@ -388,17 +307,14 @@ class ClipDataset(Dataset[Item]):
         """The sampled clip, uint8 (T, C, H, W); raises UnreadableClip."""
         clip = self.clips[index]
         if clip.is_video:
-            return read_video(clip.path, self._pick, self.image_size, self.channels)
+            return read_video(clip.path, self._pick, self.format)
         if self.cache is not None:
             data = self.cache[index]
             if data is None:
                 raise UnreadableClip(f"{clip.path}: a frame could not be decoded")
             return data[self._pick(len(data))]
         idx = self._pick(len(clip.frames))
-        try:
-            return np.stack([decode_frame(clip.frames[i], self.image_size, self.channels) for i in idx])
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise UnreadableClip(f"{clip.path}: {exc}") from exc
+        return to_clip(np.stack([decode_frame(clip.frames[i], self.format) for i in idx]))
 
     def __getitem__(self, index: int) -> Item:
         try:

@@ -165,8 +165,8 @@ def _forget_cached_rnn_kernels() -> None:
 def _example_clip(ckpt: Checkpoint) -> torch.Tensor:
     """A uint8 (T, C, H, W) clip of the training length; at least 2 frames, or T would be fixed."""
     spec = ckpt.input
-    T = max(2, int(spec["frames"]))
-    return torch.zeros(T, spec["channels"], spec["height"], spec["width"], dtype=torch.uint8)
+    T = max(2, int(spec.frames))
+    return torch.zeros(T, spec.channels, spec.height, spec.width, dtype=torch.uint8)
 
 
 def _metadata(ckpt: Checkpoint) -> dict[str, str]:
@@ -175,7 +175,7 @@ def _metadata(ckpt: Checkpoint) -> dict[str, str]:
         "name": ckpt.name,
         "version": ckpt.version,
         "labels": json.dumps(ckpt.labels),
-        "input": json.dumps(ckpt.input),
+        "input": json.dumps(ckpt.input.to_dict()),
     }
 
 
@@ -191,7 +191,7 @@ def _parity(
     spec = ckpt.input
     gen = torch.Generator().manual_seed(seed)
     clips = [
-        torch.randint(0, 256, (T, spec["channels"], spec["height"], spec["width"]), generator=gen, dtype=torch.uint8)
+        torch.randint(0, 256, (T, spec.channels, spec.height, spec.width), generator=gen, dtype=torch.uint8)
         for T in lengths
     ]
     with torch.inference_mode():

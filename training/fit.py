@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from host.device import pick_device
 from models import FusedClassifier, InputSpec, build_model, load_checkpoint, profile_model, save_checkpoint
 from training.config import TrainConfig
 from training.data import Augment, Batch, ClipDataset, collate_ragged, dataset_name, read_labels, seed_worker
@@ -85,12 +86,6 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world, local), device
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -212,7 +207,9 @@ def batches(loader: DataLoader[Any], desc: str, show: bool) -> Iterator[Batch]:
     yield from tqdm(loader, desc=desc, disable=not show, leave=False)
 
 
-def build_datasets(data: Path, cfg: TrainConfig, labels: list[str]) -> tuple[ClipDataset, ClipDataset]:
+def build_datasets(data: Path, cfg: TrainConfig, labels: list[str]) -> tuple[ClipDataset, ClipDataset, ClipDataset]:
+    """Train (augmented when asked), val and test: all three opened before training starts, so a
+    missing split fails the run at once instead of after its last epoch."""
     common: dict[str, Any] = {
         "image_size": cfg.image_size,
         "frames": cfg.frames,
@@ -222,7 +219,8 @@ def build_datasets(data: Path, cfg: TrainConfig, labels: list[str]) -> tuple[Cli
         "preload": cfg.preload,
     }
     augment = Augment(hflip=cfg.hflip) if cfg.augment else None
-    return ClipDataset(data, "train", train=True, augment=augment, **common), ClipDataset(data, "val", **common)
+    train = ClipDataset(data, "train", train=True, augment=augment, **common)
+    return train, ClipDataset(data, "val", **common), ClipDataset(data, "test", **common)
 
 
 def fit(
@@ -236,104 +234,111 @@ def fit(
 ) -> FitResult:
     """Train on ``data`` and write the best model to ``out`` (rank 0 writes; every rank returns)."""
     started = time.perf_counter()
-    data, out = Path(data), Path(out)
-    log_path = Path(log_path) if log_path else out.with_suffix(".log.jsonl")
-    state_path = out.with_suffix(".train-state.safetensors")
-    rank, device = init_distributed(cfg.device)
-    seed_everything(cfg.seed)
-    show = rank.main and (progress if progress is not None else bool(os.isatty(2)))
-
-    labels = read_labels(data)
-    train_ds, val_ds = build_datasets(data, cfg, labels)
-    if rank.main:
-        log.info("train %s", train_ds.describe())
-    model = build_model(cfg.model_config(len(labels))).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_ds) / (cfg.batch_size * rank.world))
-    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
-
-    start_epoch, best = 0, {"epoch": -1, "accuracy": -1.0, "stale": 0}
+    run = Run(Path(data), Path(out), cfg, Path(log_path) if log_path else None, progress)
     if resume is not None:
-        start_epoch, best = load_train_state(Path(resume), model, optimizer, scheduler)
-        log.info("resumed from %s at epoch %d", resume, start_epoch)
-    elif rank.main and log_path.exists():
-        log_path.unlink()
-    trained: torch.nn.Module = DistributedDataParallel(model) if rank.active else model
-    loaders = EpochLoaders(cfg, rank, device)
+        run.resume(Path(resume))
+    elif run.rank.main and run.log_path.exists():
+        run.log_path.unlink()
+    epochs_done = run.start_epoch
+    for epoch in range(run.start_epoch, cfg.epochs):
+        stop = run.epoch(epoch)
+        epochs_done = epoch + 1
+        if stop:
+            log.info("early stop: no better val accuracy for %d epochs", cfg.patience)
+            break
+    if run.rank.active:
+        dist.barrier()  # rank 0's checkpoint is on disk before anyone reads it
+    return finish(run, epochs_done - run.start_epoch, started)
 
-    lengths = [len(c.frames) for c in train_ds.clips if not c.is_video] or [cfg.frames]
-    spec = InputSpec.for_model(
-        model.config,
-        frames=cfg.frames,
-        min_frames=min(lengths),
-        max_frames=min(max(lengths), cfg.frames) if not cfg.repeat_short else cfg.frames,
-    )
-    training_meta: dict[str, Any] = {
-        "config": cfg.to_dict(),
-        "seed": cfg.seed,
-        "device": str(device),
-        "world_size": rank.world,
-        "dataset": {"train": train_ds.describe(), "val": val_ds.describe()},
-        "code_revision": code_revision(),
-    }
-    skipped: set[str] = set(train_ds.problems) | set(val_ds.problems)
-    name = cfg.name or out.stem
-    epochs_done = start_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        loader = loaders(train_ds, shuffle=True, epoch=epoch)
-        stats, bad = train_one_epoch(
-            trained,
-            loader,
-            optimizer,
-            scheduler,
-            cfg,
-            device,
-            rank,
-            batches(loader, f"epoch {epoch + 1}/{cfg.epochs}", show),
-        )
-        val, val_bad = measure(trained, val_ds, loaders, len(labels))
-        skipped |= set(bad) | set(val_bad)
+
+class Run:
+    """One training run: its datasets, model, optimiser and schedule, and the best epoch so far."""
+
+    def __init__(self, data: Path, out: Path, cfg: TrainConfig, log_path: Path | None, progress: bool | None) -> None:
+        self.data, self.out, self.cfg = data, out, cfg
+        self.log_path = log_path or out.with_suffix(".log.jsonl")
+        self.state_path = out.with_suffix(".train-state.safetensors")
+        self.rank, self.device = init_distributed(cfg.device)
+        seed_everything(cfg.seed)
+        self.show = self.rank.main and (progress if progress is not None else bool(os.isatty(2)))
+        self.labels = read_labels(data)
+        self.train_ds, self.val_ds, self.test_ds = build_datasets(data, cfg, self.labels)
+        if self.rank.main:
+            log.info("train %s", self.train_ds.describe())
+        self.model = build_model(cfg.model_config(len(self.labels))).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps_per_epoch = math.ceil(len(self.train_ds) / (cfg.batch_size * self.rank.world))
+        total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup, total))
+        self.trained: torch.nn.Module = DistributedDataParallel(self.model) if self.rank.active else self.model
+        self.loaders = EpochLoaders(cfg, self.rank, self.device)
+        self.start_epoch, self.best = 0, {"epoch": -1, "accuracy": -1.0, "stale": 0}
+        self.skipped: set[str] = set(self.train_ds.problems) | set(self.val_ds.problems)
+        self.spec, self.meta = self._spec(), self._meta()
+
+    def _spec(self) -> InputSpec:
+        cfg = self.cfg
+        lengths = [len(c.frames) for c in self.train_ds.clips if not c.is_video] or [cfg.frames]
+        longest = min(max(lengths), cfg.frames) if not cfg.repeat_short else cfg.frames
+        return InputSpec.for_model(self.model.config, frames=cfg.frames, min_frames=min(lengths), max_frames=longest)
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(),
+            "seed": self.cfg.seed,
+            "device": str(self.device),
+            "world_size": self.rank.world,
+            "dataset": {"train": self.train_ds.describe(), "val": self.val_ds.describe()},
+            "code_revision": code_revision(),
+        }
+
+    def resume(self, state: Path) -> None:
+        self.start_epoch, self.best = load_train_state(state, self.model, self.optimizer, self.scheduler)
+        log.info("resumed from %s at epoch %d", state, self.start_epoch)
+
+    def epoch(self, epoch: int) -> bool:
+        """Train one epoch, validate, keep the best; True when validation has stopped improving."""
+        cfg = self.cfg
+        loader = self.loaders(self.train_ds, shuffle=True, epoch=epoch)
+        bar = batches(loader, f"epoch {epoch + 1}/{cfg.epochs}", self.show)
+        stats, bad = train_one_epoch(self.trained, self.optimizer, self.scheduler, cfg, self.device, self.rank, bar)
+        val, val_bad = measure(self.trained, self.val_ds, self.loaders, len(self.labels))
+        self.skipped |= set(bad) | set(val_bad)
         record = {
             "epoch": epoch + 1,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": self.scheduler.get_last_lr()[0],
             **{f"train_{k}": v for k, v in stats.items()},
             **{f"val_{k}": v for k, v in val.items()},
         }
-        if val["accuracy"] > best["accuracy"]:
-            best = {"epoch": epoch + 1, "accuracy": val["accuracy"], "stale": 0}
-            if rank.main:
-                save_checkpoint(
-                    out,
-                    model,
-                    name=name,
-                    version=cfg.version,
-                    labels=labels,
-                    input_spec=spec,
-                    metrics={"val": val},
-                    training=training_meta,
-                )
+        if val["accuracy"] > self.best["accuracy"]:
+            self.best = {"epoch": epoch + 1, "accuracy": val["accuracy"], "stale": 0}
+            if self.rank.main:
+                self.save(self.model, {"val": val}, self.meta)
         else:
-            best["stale"] += 1
-        if rank.main:
-            with log_path.open("a") as f:
+            self.best["stale"] += 1
+        if self.rank.main:
+            with self.log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             log.info("epoch %d: %s", epoch + 1, record)
-            save_train_state(state_path, model, optimizer, scheduler, epoch + 1, best)
-        epochs_done = epoch + 1
-        if best["stale"] >= cfg.patience:
-            log.info("early stop: no better val accuracy for %d epochs", cfg.patience)
-            break
-    if rank.active:
-        dist.barrier()  # rank 0's checkpoint is on disk before anyone reads it
-    return finish(
-        data, out, cfg, rank, device, labels, log_path, epochs_done - start_epoch, best, started, sorted(skipped)
-    )
+            save_train_state(self.state_path, self.model, self.optimizer, self.scheduler, epoch + 1, self.best)
+        return bool(self.best["stale"] >= cfg.patience)
+
+    def save(self, model: FusedClassifier, metrics: dict[str, Any], training: dict[str, Any]) -> None:
+        name = self.cfg.name or self.out.stem
+        save_checkpoint(
+            self.out,
+            model,
+            name=name,
+            version=self.cfg.version,
+            labels=self.labels,
+            input_spec=self.spec,
+            metrics=metrics,
+            training=training,
+        )
 
 
 def train_one_epoch(
     model: torch.nn.Module,
-    loader: DataLoader[Any],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     cfg: TrainConfig,
@@ -365,83 +370,51 @@ def train_one_epoch(
         n = labels.shape[0]
         sums += torch.tensor([n, int((logits.argmax(1) == labels).sum()), loss.item() * n], dtype=torch.float64)
         if isinstance(bar, tqdm):
-            bar.set_postfix(
-                loss=f"{sums[2] / sums[0]:.3f}",
-                acc=f"{sums[1] / sums[0]:.3f}",
-                clips_s=f"{sums[0] / (time.perf_counter() - t0):.0f}",
-            )
-    elapsed = time.perf_counter() - t0
+            clips_s = f"{sums[0] / (time.perf_counter() - t0):.0f}"
+            bar.set_postfix(loss=f"{sums[2] / sums[0]:.3f}", acc=f"{sums[1] / sums[0]:.3f}", clips_s=clips_s)
+    for line in skipped:
+        log.warning("skipped %s", line)
+    return epoch_stats(sums, time.perf_counter() - t0, rank), skipped
+
+
+def epoch_stats(sums: torch.Tensor, elapsed: float, rank: Dist) -> dict[str, float]:
+    """Loss, accuracy, clips and clips/s of an epoch from its (clips, correct, loss * clips) sums."""
     if rank.active:
         dist.all_reduce(sums)  # every rank's clips count
     seen = max(1.0, float(sums[0]))
-    stats = {
+    return {
         "loss": round(float(sums[2]) / seen, 6),
         "accuracy": round(float(sums[1]) / seen, 6),
         "clips": int(sums[0]),
         "clips_per_s": round(seen / elapsed, 1),
     }
-    for line in skipped:
-        log.warning("skipped %s", line)
-    return stats, skipped
 
 
-def finish(
-    data: Path,
-    out: Path,
-    cfg: TrainConfig,
-    rank: Dist,
-    device: torch.device,
-    labels: list[str],
-    log_path: Path,
-    epochs_run: int,
-    best: dict[str, Any],
-    started: float,
-    skipped: list[str],
-) -> FitResult:
+def finish(run: Run, epochs_run: int, started: float) -> FitResult:
     """Reload the best weights, measure them on the test split (all ranks), store that in the checkpoint."""
-    ckpt = load_checkpoint(out, device=device)
-    test_ds = ClipDataset(
-        data,
-        "test",
-        image_size=cfg.image_size,
-        frames=cfg.frames,
-        labels=labels,
-        repeat_short=cfg.repeat_short,
-        seed=cfg.seed,
-        preload=cfg.preload,
-    )
-    test, test_bad = measure(ckpt.model, test_ds, EpochLoaders(cfg, rank, device), len(labels))
-    test.update(split="test", dataset=dataset_name(data))
-    skipped = sorted(set(skipped) | set(test_bad) | set(test_ds.problems))
+    ckpt = load_checkpoint(run.out, device=run.device)
+    test, test_bad = measure(ckpt.model, run.test_ds, run.loaders, len(run.labels))
+    test.update(split="test", dataset=dataset_name(run.data))
+    skipped = sorted(run.skipped | set(test_bad) | set(run.test_ds.problems))
     wall = round(time.perf_counter() - started, 1)
     meta = ckpt.metadata
     metrics = {"test": test, **meta["metrics"]}
-    if rank.main:
+    if run.rank.main:
         meta["training"].update(
-            best_epoch=best["epoch"],
+            best_epoch=run.best["epoch"],
             epochs_run=epochs_run,
             wall_time_s=wall,
-            profile=profile_model(ckpt.model, cfg.frames).to_dict(),
+            profile=profile_model(ckpt.model, run.cfg.frames).to_dict(),
             skipped={"count": len(skipped), "files": skipped[:100]},
         )
-        meta["training"]["dataset"]["test"] = test_ds.describe()
-        spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["input"].items()})
-        save_checkpoint(
-            out,
-            ckpt.model,
-            name=meta["name"],
-            version=meta["version"],
-            labels=labels,
-            input_spec=spec,
-            metrics=metrics,
-            training=meta["training"],
-        )
+        meta["training"]["dataset"]["test"] = run.test_ds.describe()
+        run.save(ckpt.model, metrics, meta["training"])
         log.info("test: %s", test)
         if skipped:
             log.warning("%d unreadable clips were skipped: %s", len(skipped), "; ".join(skipped[:10]))
-    if rank.active:
+    if run.rank.active:
         dist.barrier()
-    return FitResult(out, log_path, metrics, epochs_run, best["epoch"], wall, skipped)
+    return FitResult(run.out, run.log_path, metrics, epochs_run, run.best["epoch"], wall, skipped)
 
 
 def save_train_state(

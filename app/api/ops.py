@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import __version__
-from app.deps import ServiceDep
+from app.api.deps import ServiceDep
 
 router = APIRouter(tags=["operations"])
 

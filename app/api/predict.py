@@ -2,151 +2,88 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
 import time
-from collections.abc import Callable
-from typing import Annotated, Any
+from functools import partial
+from typing import Annotated
 
-import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import Response
 
-from app.api.common import ClientGone, answers
-from app.batcher import Ticket
-from app.decode import base64_frames, form_frames, video_frames
-from app.deps import ServiceDep, require_api_key
-from app.errors import bad_input, unsupported
-from app.schemas import ErrorBody, ModelInfo, ModelList, Prediction, Timing, TopK
-from app.state import ServedModel, Service
+from app.api.deps import ServiceDep, disconnected, require_api_key
+from app.api.openapi import ERRORS, PREDICT_BODY
+from app.api.schemas import ModelInfo, ModelList, Prediction, Timing, TopK
+from app.errors import BadInput, UnsupportedMedia
+from app.intake import Answer
+from app.served import ServedModel
+from app.service import Service
+from app.uploads import Upload
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["predict"])
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody, "description": text}
-    for code, text in {
-        400: "undecodable input",
-        401: "missing or wrong API key",
-        404: "unknown model",
-        413: "too large",
-        415: "unsupported media type",
-        422: "wrong shape or frame count",
-        503: "overloaded or not ready",
-        504: "timed out in the queue",
-    }.items()
-}
-_PREDICT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "frames": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "description": "one part per frame, in order (JPEG, PNG, WebP, BMP)",
-                        },
-                        "video": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "or one video (MP4, WebM, AVI, MKV, ...)",
-                        },
-                    },
-                },
-            },
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "frames": {"type": "array", "items": {"type": "string", "format": "byte"}},
-                        "video": {"type": "string", "format": "byte"},
-                    },
-                },
-                "example": {"frames": ["/9j/4AAQSkZJRgABAQ...", "/9j/4AAQSkZJRgABAQ..."]},
-            },
-        },
-    }
-}
 
 TopKQuery = Annotated[int, Query(ge=1, le=1000, description="how many labels to list in top_k")]
 FramesQuery = Annotated[int | None, Query(ge=1, description="frames to sample from a video (default: the model's)")]
 
 
-async def read_and_queue(
-    request: Request, service: Service, served: ServedModel, tickets: list[Ticket], frames: int | None
-) -> None:
-    """Read the request body, whatever its form, and start decoding it on a decode thread (or in a
-    decode process): one clip (T, C, H, W) uint8 at the model's size, queued under ``tickets``."""
-    limits = served.limits
-
-    def queue(decode: Callable[..., np.ndarray], *args: Any) -> None:
-        service.decode_and_queue(served.batcher, tickets, decode, *args)
-
+async def read_upload(request: Request, frames: int | None) -> Upload:
+    """The request body as an upload: a multipart form (split on the decode thread), or JSON."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "multipart/form-data":  # split into parts on the decode thread too
-        queue(form_frames, await request.body(), request.headers["content-type"], limits, frames)
-        return
-    if content_type == "application/json":
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise bad_input(f"the body is not valid JSON ({type(exc).__name__})") from exc
-        # a key set to null is absent: clients often write their optional fields that way
-        video, images = (body.get("video"), body.get("frames")) if isinstance(body, dict) else (None, None)
-        if video is None and images is None:
-            raise bad_input('the JSON body must be {"frames": ["<base64 image>", ...]} or {"video": "<base64>"}')
-        if video is not None and images is not None:
-            raise bad_input('send "frames" or "video", not both')
-        if video is not None:
-            if not isinstance(video, str):
-                raise bad_input(f'"video" must be a base64 string, not {type(video).__name__}')
-            try:
-                data = base64.b64decode(video, validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise bad_input(f"video is not valid base64 ({exc})") from exc
-            queue(video_frames, data, limits, frames)
-            return
+    if content_type == "multipart/form-data":
+        return Upload("form", await request.body(), request.headers["content-type"], frames)
+    if content_type != "application/json":
+        raise UnsupportedMedia(
+            f"content type {content_type or 'none'!r} is not supported; "
+            "send multipart/form-data (frames or video parts) or application/json"
+        )
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BadInput(f"the body is not valid JSON ({type(exc).__name__})") from exc
+    # a key set to null is absent: clients often write their optional fields that way
+    video, images = (body.get("video"), body.get("frames")) if isinstance(body, dict) else (None, None)
+    if video is None and images is None:
+        raise BadInput('the JSON body must be {"frames": ["<base64 image>", ...]} or {"video": "<base64>"}')
+    if video is not None and images is not None:
+        raise BadInput('send "frames" or "video", not both')
+    if images is not None:
         if not isinstance(images, list):
-            raise bad_input('"frames" must be a list of base64 strings')
-        queue(base64_frames, images, limits)
-        return
-    raise unsupported(
-        f"content type {content_type or 'none'!r} is not supported; "
-        "send multipart/form-data (frames or video parts) or application/json"
-    )
+            raise BadInput('"frames" must be a list of base64 strings')
+        return Upload("base64", images)
+    if not isinstance(video, str):
+        raise BadInput(f'"video" must be a base64 string, not {type(video).__name__}')
+    try:
+        return Upload("video", base64.b64decode(video, validate=True), frames=frames)
+    except (binascii.Error, ValueError) as exc:
+        raise BadInput(f"video is not valid base64 ({exc})") from exc
 
 
 async def predict_with(
     request: Request, service: Service, name: str | None, top_k: int, frames: int | None
-) -> Prediction | Response:
+) -> Prediction:
     started = time.perf_counter()
     service.check_accepting()
     served = service.model(name)
-    tickets = served.batcher.tickets(1, asyncio.get_running_loop())
-    await read_and_queue(request, service, served, tickets, frames)
-    try:
-        [result] = await answers(request, served.batcher, tickets)
-    except ClientGone:
-        return Response(status_code=499)
-    [ticket] = tickets
-    decoded = ticket.enqueued  # set by the decode thread when it queued the clip (perf_counter, as ``started``)
-    service.metrics.decode_seconds.labels("request").observe(decoded - started)
+    upload = await read_upload(request, frames)
+    answer = await service.intake.classify(served, upload, partial(disconnected, request))
+    service.metrics.decode_seconds.labels("request").observe(answer.queued_at - started)
+    return prediction(served, answer, top_k, started)
+
+
+def prediction(served: ServedModel, answer: Answer, top_k: int, started: float) -> Prediction:
+    result = answer.result
     probs = result.probabilities.tolist()
-    labels = served.runtime.labels
+    labels = served.labels
     order = sorted(range(len(probs)), key=lambda i: -probs[i])
     return Prediction(
-        model=served.runtime.name,
-        model_version=served.runtime.version,
+        model=served.name,
+        model_version=served.version,
         label=labels[order[0]],
         probabilities=dict(zip(labels, probs, strict=True)),
         top_k=[TopK(label=labels[i], probability=probs[i]) for i in order[:top_k]],
         frames=result.frames,
         timing_ms=Timing(
-            decode=ms(decoded - started),
+            decode=ms(answer.queued_at - started),
             queue=ms(result.queue_s),
             inference=ms(result.inference_s),
             total=ms(time.perf_counter() - started),
@@ -161,13 +98,13 @@ def ms(seconds: float) -> float:
 @router.post(
     "/predict",
     response_model=Prediction,
-    responses=_ERRORS,
-    openapi_extra=_PREDICT_BODY,
+    responses=ERRORS,
+    openapi_extra=PREDICT_BODY,
     summary="Classify a clip with the default model",
 )
 async def predict(
     request: Request, service: ServiceDep, top_k: TopKQuery = 5, frames: FramesQuery = None
-) -> Prediction | Response:
+) -> Prediction:
     """Send frames (multipart `frames` parts in order, or JSON base64 `frames`) or one `video`.
 
     Frames of any size are resized to the model's input; a video is sampled evenly to
@@ -179,33 +116,33 @@ async def predict(
 @router.post(
     "/models/{name}/predict",
     response_model=Prediction,
-    responses=_ERRORS,
-    openapi_extra=_PREDICT_BODY,
+    responses=ERRORS,
+    openapi_extra=PREDICT_BODY,
     summary="Classify a clip with a named model",
 )
 async def predict_named(
     name: str, request: Request, service: ServiceDep, top_k: TopKQuery = 5, frames: FramesQuery = None
-) -> Prediction | Response:
+) -> Prediction:
     """As `POST /predict`, for the model called `name`."""
     return await predict_with(request, service, name, top_k, frames)
 
 
 def model_info(service: Service, served: ServedModel) -> ModelInfo:
-    b = served.batcher
+    policy, threads = served.batcher.policy, service.loaded.threads
     return ModelInfo(
         **served.runtime.describe(),
-        default=served.runtime.name == service.default_model,
+        default=served.name == service.default_model,
         batching={
-            "max_batch_size": b.max_batch_size,
-            "max_batch_frames": b.max_batch_frames,
-            "max_delay_ms": b.max_delay_s * 1000,
-            "max_queue": b.max_queue,
-            "instances": b.workers,
-            "share_from": b.share_from,
+            "max_batch_size": policy.max_batch_size,
+            "max_batch_frames": policy.max_batch_frames,
+            "max_delay_ms": policy.max_delay_s * 1000,
+            "max_queue": policy.max_queue,
+            "instances": policy.instances,
+            "share_from": policy.share_from,
             # on the CPU: torch threads, and whether a pass that has them all runs on the wide lane
-            "torch_threads": service.threads.total if service.threads is not None else None,
-            "wide_lane": service.threads.wide_lane if service.threads is not None else False,
-            "timeout_s": b.timeout_s,
+            "torch_threads": threads.total,
+            "wide_lane": threads.wide_lane,
+            "timeout_s": policy.timeout_s,
             "autotuned": served.tuning is not None,
             "tuning": served.tuning,
         },
@@ -220,7 +157,7 @@ async def list_models(service: ServiceDep) -> ModelList:
 @router.get(
     "/models/{name}",
     response_model=ModelInfo,
-    responses={404: _ERRORS[404]},
+    responses={404: ERRORS[404]},
     summary="One model: version, labels, input spec, metrics, batching",
 )
 async def get_model(name: str, service: ServiceDep) -> ModelInfo:

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-import httpx
 import numpy as np
 import torch
 
 from app.autotune import choose_batch_limits
-from app.decode import InputLimits
-from app.preprocess import decode_images
+from app.uploads import Target
 from bench.media import encode_jpeg
-from tests.app.conftest import live_server
+from media import FrameFormat, Limits
+from tests.support.clips import images_clip
 
 
 def fake_forward(per_call_ms: float, per_clip_ms: float):  # type: ignore[no-untyped-def]
@@ -95,28 +93,9 @@ def test_the_sweep_times_frames_laid_out_as_decoded_frames_arrive() -> None:
         return torch.zeros(len(lengths), 2)
 
     choose_batch_limits(forward, frames=4, shape=(3, 8, 6), budget_ms=100, max_size=2, repeats=1)
-    clip = decode_images([encode_jpeg(np.zeros((8, 6, 3), np.uint8))] * 4, InputLimits(8, 6, 3, 4, 8, 10**6))
+    clip = images_clip(
+        [encode_jpeg(np.zeros((8, 6, 3), np.uint8))] * 4, Target(FrameFormat(8, 6, 3), 4, Limits(8, 10**6))
+    )
     assert seen and all(f.shape[1:] == clip.shape[1:] and f.dtype == clip.dtype for f in seen)
     assert all(f.stride()[1:] == clip.stride()[1:] for f in seen)
     assert all(f.is_contiguous(memory_format=torch.channels_last) for f in seen)
-
-
-def test_server_reports_its_tuning_and_explicit_limits_win(default_ckpt: Path) -> None:
-    with live_server(checkpoint=default_ckpt) as url:
-        batching = httpx.get(f"{url}/models/moving-digits-lstm").json()["batching"]
-        assert batching["autotuned"] is True
-        tuning = batching["tuning"]
-        assert batching["max_batch_size"] == tuning["max_batch_size"]
-        assert batching["max_batch_frames"] == tuning["max_batch_frames"] == tuning["max_batch_size"] * 16
-        assert "1" in tuning["measured"] and tuning["measured"]["1"]["clips_per_s"] > 0
-        # the second instance's start follows the measured gain from batching
-        expected = max(1, tuning["max_batch_size"] // 4) if tuning["batching_gain"] > 1.2 else 1
-        assert batching["share_from"] == tuning["share_from"] == expected
-    with live_server(checkpoint=default_ckpt, max_batch_size=5, max_batch_frames=40) as url:
-        batching = httpx.get(f"{url}/models/moving-digits-lstm").json()["batching"]
-        assert (batching["max_batch_size"], batching["max_batch_frames"], batching["autotuned"]) == (5, 40, False)
-    with live_server(checkpoint=default_ckpt, max_batch_size=3) as url:  # the frame limit follows the clip limit
-        batching = httpx.get(f"{url}/models/moving-digits-lstm").json()["batching"]
-        assert (batching["max_batch_size"], batching["max_batch_frames"], batching["autotuned"]) == (3, 48, False)
-    with live_server(checkpoint=default_ckpt, share_from=2) as url:  # an explicit SHARE_FROM wins
-        assert httpx.get(f"{url}/models/moving-digits-lstm").json()["batching"]["share_from"] == 2

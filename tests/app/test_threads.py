@@ -1,19 +1,15 @@
-"""The CPU's intra-op threads shared among forward passes that run at the same time."""
+"""The CPU's intra-op threads shared among forward passes that run at the same time (app.threads)."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
-from app.runtime import PASS_PIXELS, STARTUP_THREADS, CpuThreads, ModelRuntime, frames_per_encoder_pass
-from models import load_checkpoint
-from tests.app.conftest import encode, live_server, multipart_frames, synth_clip
+from app.threads import CpuThreads
 
 
 @pytest.fixture
@@ -149,70 +145,3 @@ def test_without_the_wide_lane_the_default_for_threads_started_later_is_left_at_
     fresh.start()
     fresh.join(10)
     assert seen == [before]
-
-
-def test_the_runtime_runs_each_cpu_forward_in_inference_mode_inside_its_share(
-    default_ckpt: Path, keep_torch_threads: int
-) -> None:
-    runtime = ModelRuntime(load_checkpoint(default_ckpt), torch.device("cpu"))
-    calls: list[tuple[str, bool]] = []
-
-    class Counting(CpuThreads):
-        def run(self, fn, *args):  # type: ignore[no-untyped-def]
-            def recorded(*a):  # type: ignore[no-untyped-def]
-                calls.append((threading.current_thread().name, torch.is_inference_mode_enabled()))
-                return fn(*a)
-
-            return super().run(recorded, *args)
-
-    spec = runtime.checkpoint.input
-    frames = torch.zeros(2 * 4, spec["channels"], spec["height"], spec["width"], dtype=torch.uint8)
-    lengths = torch.tensor([4, 4])
-    plain = runtime.infer(frames, lengths)
-    runtime.threads = budget = Counting(2)
-    try:
-        shared = runtime.infer(frames, lengths)
-    finally:
-        budget.close()
-    # inference mode is per thread: the lane must enter it itself
-    assert calls == [("torch-wide_0", False)] and torch.is_inference(shared)
-    torch.testing.assert_close(shared, plain)
-
-
-def test_a_default_cpu_server_runs_two_instances_when_torch_has_two_threads(default_ckpt: Path) -> None:
-    ckpt = load_checkpoint(default_ckpt)
-    expected = 2 if STARTUP_THREADS >= 2 else 1
-    with live_server(checkpoint=default_ckpt, max_batch_size=2) as url:
-        info = httpx.get(f"{url}/models/{ckpt.name}").json()
-        jpegs = [encode(frame) for frame in synth_clip(frames=4)]
-        answer = httpx.post(f"{url}/predict", files=multipart_frames(jpegs))  # a pass alone: on the lane
-    assert answer.status_code == 200, answer.text
-    assert info["batching"]["instances"] == expected
-    # torch's threads as the process started; where there are two or more, passes alone take the wide lane
-    assert info["batching"]["torch_threads"] == STARTUP_THREADS
-    assert info["batching"]["wide_lane"] is (STARTUP_THREADS > 1)
-    assert info["batching"]["max_batch_size"] == 2 and info["batching"]["share_from"] == 1  # half a batch
-    # the served model's batch norms were folded into its convs (one per conv block of the bundled CNN)
-    assert info["batchnorm_folded"] == sum(isinstance(m, torch.nn.BatchNorm2d) for m in ckpt.model.modules()) > 0
-    # on the CPU the encoder takes a batch's frames in slices of ENCODER_PASS_PIXELS
-    spec = ckpt.input
-    assert info["frames_per_pass"] == PASS_PIXELS // (spec["height"] * spec["width"])
-    with live_server(
-        checkpoint=default_ckpt, max_batch_size=2, instances=1, encoder_pass_pixels=0, wide_lane=False
-    ) as url:
-        info = httpx.get(f"{url}/models/{ckpt.name}").json()
-    assert info["batching"]["instances"] == 1 and info["frames_per_pass"] is None
-    assert info["batching"]["wide_lane"] is False
-    with live_server(checkpoint=default_ckpt, max_batch_size=8, share_from=3) as url:  # set: it wins
-        info = httpx.get(f"{url}/models/{ckpt.name}").json()
-    assert info["batching"]["max_batch_size"] == 8 and info["batching"]["share_from"] == 3
-
-
-def test_frames_per_encoder_pass_slices_on_the_cpu_only() -> None:
-    spec = {"height": 64, "width": 32}
-    cpu = torch.device("cpu")
-    assert frames_per_encoder_pass(spec, 64 * 64 * 10, cpu, compiled=False) == 20
-    assert frames_per_encoder_pass(spec, 100, cpu, compiled=False) == 1  # never fewer than one frame
-    assert frames_per_encoder_pass(spec, 0, cpu, compiled=False) is None  # 0: whole batches
-    assert frames_per_encoder_pass(spec, 64 * 64 * 10, cpu, compiled=True) is None
-    assert frames_per_encoder_pass(spec, 64 * 64 * 10, torch.device("cuda"), compiled=False) is None

@@ -13,8 +13,8 @@ import pytest
 
 from bench import wrk
 from bench.serve import HISTOGRAMS, cpu_seconds, parse_env, process_tree, rss_mb, server_split
+from host.malloc import heap_usage
 from models import default_checkpoint
-from models.system import heap_usage
 
 TINY = ["--duration", "1", "--warmup", "0.5", "--clips", "2"]
 LEVEL_KEYS = {"requests", "ok", "clips_per_s", "p50_ms", "p99_ms", "errors", "late", "dropped", "server", "rss"}
@@ -108,24 +108,32 @@ def test_serve_bench_reports_every_level_without_errors(tmp_path: Path) -> None:
     assert "| c=1 |" in proc.stdout and "| 5/s |" in proc.stdout and "c=1 in 2 pairs" in proc.stdout
 
 
-def test_compare_bench_interleaves_both_configurations(tmp_path: Path) -> None:
+def test_compare_bench_interleaves_every_configuration(tmp_path: Path) -> None:
     out = tmp_path / "compare.json"
-    sides = ["--a", "", "--b", "MAX_BATCH_DELAY_MS=2", "--frame-size", "32", "--b-frame-size", "96"]
-    proc = run_bench("compare", *sides, "--concurrency", "1", "2", "--rounds", "1", "--out", str(out))
+    sides = ["--a", "", "--b", "MAX_BATCH_DELAY_MS=2", "--c", "MAX_BATCH_SIZE=1", "--frame-size", "32"]
+    proc = run_bench(
+        "compare", *sides, "--b-frame-size", "96", "--concurrency", "1", "2", "--rounds", "1", "--out", str(out)
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert result["server_env"] == {"A": {}, "B": {"FUSIONSERVE_MAX_BATCH_DELAY_MS": "2"}}
+    assert result["server_env"] == {
+        "A": {},
+        "B": {"FUSIONSERVE_MAX_BATCH_DELAY_MS": "2"},
+        "C": {"FUSIONSERVE_MAX_BATCH_SIZE": "1"},
+    }
     # side B sent larger frames (the server resized them to the model's size)
-    assert result["frame_size"] == {"A": 32, "B": 96}
+    assert result["frame_size"] == {"A": 32, "B": 96, "C": 32}
     assert result["payload_mean_bytes"]["B"] > 2 * result["payload_mean_bytes"]["A"]
     assert "B: {'FUSIONSERVE_MAX_BATCH_DELAY_MS': '2'}, 96px frames" in proc.stdout
+    assert result["server_info"]["C"][0]["batching"]["max_batch_size"] == 1
     assert set(result["summary"]) == set(result["runs"]) == {"1", "2"}
     for c, summary in result["summary"].items():
-        assert [len(result["runs"][c][side]) for side in ("A", "B")] == [1, 1]
-        for side in ("A", "B"):
+        assert [len(result["runs"][c][side]) for side in ("A", "B", "C")] == [1, 1, 1]
+        for side in ("A", "B", "C"):
             assert summary[side]["errors"] == 0
             assert_clean_level(result["runs"][c][side][0])
-        assert set(summary["ratio_b_over_a"]) == {"clips_per_s", "p50_ms", "p99_ms"}
+        for ratio in ("ratio_b_over_a", "ratio_c_over_a"):
+            assert set(summary[ratio]) == {"clips_per_s", "p50_ms", "p99_ms"}
 
 
 def test_parse_env_prefixes_and_normalises_keys() -> None:

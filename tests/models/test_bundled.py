@@ -51,9 +51,7 @@ def test_recorded_test_metrics_are_reproduced(path: Path, regenerated_test_split
     ckpt = load_checkpoint(path)
     recorded = ckpt.metadata["metrics"]["test"]
     spec = ckpt.input
-    ds = ClipDataset(
-        regenerated_test_split, "test", image_size=spec["height"], frames=spec["frames"], labels=ckpt.labels
-    )
+    ds = ClipDataset(regenerated_test_split, "test", image_size=spec.height, frames=spec.frames, labels=ckpt.labels)
     measured = evaluate(ckpt.model, DataLoader(ds, batch_size=64, collate_fn=collate_ragged), ckpt.model.mean.device)
     assert measured["clips"] == recorded["clips"] == 800
     assert measured["accuracy"] == pytest.approx(recorded["accuracy"], abs=1e-6)

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.data import ClipDataset, collate_ragged, natural_key, read_labels, sample_indices
+from media import sample_indices
+from training.data import ClipDataset, collate_ragged, natural_key, read_labels
 from training.fit import lr_factor
 
 

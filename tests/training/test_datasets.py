@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.training.media import clip_frames, write_frames, write_video
+from media import FrameFormat, sample_indices
+from tests.support.media import clip_frames, write_frames, write_video
 from training.data import (
     ClipDataset,
     collate_ragged,
     read_labels,
     read_video,
-    sample_indices,
     scan_report,
     scan_split,
 )
@@ -30,7 +30,7 @@ def test_video_clips_are_sampled_by_seeking(tmp_path: Path) -> None:
     frames = np.stack([np.full((32, 32, 3), 3 * t, np.uint8) for t in range(85)])
     video = write_video(tmp_path / "a.mp4", frames)
     picked = sample_indices(85, 4, train=False)
-    got = read_video(video, lambda n: sample_indices(n, 4, train=False), 32, 3)  # (T, C, H, W)
+    got = read_video(video, lambda n: sample_indices(n, 4, train=False), FrameFormat(32, 32, 3))  # (T, C, H, W)
     assert got.shape == (4, 3, 32, 32)
     assert [round(float(out.mean()) / 3) for out in got] == picked.tolist()  # each the frame it was sampled from
 
@@ -156,6 +156,9 @@ def test_fit_on_videos_with_workers_skips_bad_files_and_records_them(tmp_path: P
         "1",
         "--augment",
         "--no-hflip",
+        "--repeat-short",
+        "--eval-clips",
+        "2",
         "--no-progress",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
@@ -166,3 +169,5 @@ def test_fit_on_videos_with_workers_skips_bad_files_and_records_them(tmp_path: P
     assert any("up_truncated.mp4" in f for f in skipped["files"]) and any("left_corrupt" in f for f in skipped["files"])
     assert "up_truncated.mp4" in proc.stderr  # reported by name while running
     assert meta["metrics"]["test"]["clips"] == 2 and meta["training"]["dataset"]["train"]["kind"] == "video"
+    config = meta["training"]["config"]  # the flags reach the run, not only the config file's keys
+    assert (config["augment"], config["hflip"], config["repeat_short"], config["eval_clips"]) == (True, False, True, 2)

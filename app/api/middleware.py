@@ -1,0 +1,130 @@
+"""ASGI middleware: request body limit, compressed request bodies, and per-route request metrics."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import BadInput, TooLarge, UnsupportedMedia
+
+
+class BodyLimit:
+    """Refuse bodies over ``limit`` bytes with 413, by Content-Length or while streaming."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            scope["fusionserve.body_too_large"] = int(declared)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            if "fusionserve.body_too_large" in scope:
+                raise TooLarge(
+                    f"request body of {scope['fusionserve.body_too_large']} bytes is over the "
+                    f"limit of {self.limit} bytes"
+                )
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise TooLarge(f"request body is over the limit of {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class BodyDecoding:
+    """Inflate request bodies sent with ``Content-Encoding: gzip`` or ``deflate`` (as Triton's clients
+    send them with ``request_compression_algorithm``), as they stream in, to at most ``limit`` bytes
+    (413 past it: a small compressed body can inflate to gigabytes); a body that does not inflate
+    gets 400, and another encoding 415. Behind ``BodyLimit``, which counts the bytes on the wire."""
+
+    ENCODINGS = ("gzip", "x-gzip", "deflate")
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # a scan, not a dict of every header: this runs on every request, and nearly all have no encoding
+        header = next((v for k, v in scope.get("headers", ()) if k == b"content-encoding"), b"")
+        codings = [c for c in header.decode("latin-1").lower().replace(" ", "").split(",") if c not in ("", "identity")]
+        if not codings:
+            await self.app(scope, receive, send)
+            return
+        # the app sees the inflated body: no encoding, and no length (the wire's no longer applies)
+        scope = {
+            **scope,
+            "headers": [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")],
+        }
+        inflate = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip or a zlib header, told apart by its bytes
+        inflated = 0
+
+        async def decoded() -> Message:
+            nonlocal inflated
+            if len(codings) > 1 or codings[0] not in self.ENCODINGS:
+                raise UnsupportedMedia(
+                    f"Content-Encoding {', '.join(codings)!r} is not supported; send gzip, deflate or none"
+                )
+            message = await receive()
+            if message["type"] != "http.request":
+                return message
+            try:
+                body = inflate.decompress(message.get("body", b""), self.limit - inflated + 1)
+                if not message.get("more_body", False) and len(body) + inflated <= self.limit:
+                    body += inflate.flush()
+            except zlib.error as exc:
+                raise BadInput(f"the {codings[0]} request body does not inflate ({exc})") from exc
+            inflated += len(body)
+            if inflated > self.limit or inflate.unconsumed_tail:
+                raise TooLarge(f"the request body inflates to more than the limit of {self.limit} bytes")
+            if not message.get("more_body", False) and not inflate.eof:
+                raise BadInput(f"the {codings[0]} request body is truncated")
+            return {**message, "body": body}
+
+        await self.app(scope, decoded, send)
+
+
+class RequestMetrics:
+    """Count requests by method, route template and status; time them."""
+
+    def __init__(self, app: ASGIApp, metrics: Any) -> None:
+        self.app, self.metrics = app, metrics
+
+    @staticmethod
+    def route_of(scope: Scope) -> str:
+        """The matched route's template (``/models/{name}/predict``), set in the scope by routing."""
+        path = getattr(scope.get("route"), "path", None)
+        return str(path) if path else "unmatched"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 499  # unless a response starts: the client went away first
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        except Exception:
+            status = 500
+            raise
+        finally:
+            route = self.route_of(scope)
+            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            self.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)

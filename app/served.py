@@ -1,0 +1,35 @@
+"""One model as the service serves it: its runtime, its batcher, and what its uploads decode to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from app.batching import Batcher
+from app.runtime import ModelRuntime
+from app.uploads import Target
+from models import InputSpec
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    runtime: ModelRuntime
+    batcher: Batcher
+    target: Target
+    tuning: dict[str, Any] | None = None  # what autotune measured and chose; None when the limits were set
+
+    @property
+    def name(self) -> str:
+        return self.runtime.name
+
+    @property
+    def version(self) -> str:
+        return self.runtime.version
+
+    @property
+    def labels(self) -> list[str]:
+        return self.runtime.labels
+
+    @property
+    def spec(self) -> InputSpec:
+        return self.runtime.spec

@@ -1,0 +1,56 @@
+"""What requests need while the server runs: the models, the intake, readiness.
+
+Created in the app's lifespan from what ``app.loading.load`` returns; never at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from app.errors import NotFound, NotReady
+from app.intake import Intake
+from app.loading import Loaded
+from app.metrics import Metrics
+from app.served import ServedModel
+from app.settings import Settings
+
+
+@dataclass
+class Service:
+    settings: Settings
+    metrics: Metrics
+    loaded: Loaded
+    intake: Intake = field(init=False)
+    ready: bool = False
+    draining: bool = False
+
+    def __post_init__(self) -> None:
+        self.intake = Intake(self.loaded.decoders, self.models, self.settings.decode_timeout_s)
+
+    @property
+    def models(self) -> dict[str, ServedModel]:
+        return self.loaded.models
+
+    @property
+    def default_model(self) -> str:
+        return self.loaded.default_model
+
+    def model(self, name: str | None) -> ServedModel:
+        name = name or self.default_model
+        if name not in self.models:
+            raise NotFound(f"no model named {name!r}; loaded: {sorted(self.models)}")
+        return self.models[name]
+
+    def check_accepting(self) -> None:
+        if self.draining:
+            raise NotReady("the server is shutting down")
+        if not self.ready:
+            raise NotReady("the server is not ready yet")
+
+    async def close(self) -> None:
+        """Stop taking work, answer everything accepted, then release the threads and processes."""
+        self.ready = False
+        self.metrics.ready.set(0)
+        await asyncio.gather(*(m.batcher.close() for m in self.models.values()))
+        await asyncio.to_thread(self.loaded.close)

@@ -1,0 +1,140 @@
+"""An upload as read off the wire -> one clip's pixels, uint8 (T, H, W, C) at a model's size.
+
+``decode_upload`` runs on a decode thread or in a decode process (``app.decoding``), so this
+module imports no torch and raises only the ``media`` input errors, which pickle. Frames are
+decoded by ``media``, as training decodes them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import numpy as np
+
+from app.multipart import parse_form
+from media import BadInput, FrameFormat, Limits, WrongShape, decode_image, decode_video, sample_indices
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one model's uploads decode to: its frame format, the clip length a video is sampled
+    to by default, and the server's limits on what it decodes."""
+
+    format: FrameFormat
+    clip_frames: int
+    limits: Limits
+
+    def check_count(self, count: int, what: str = "frames") -> None:
+        if count == 0:
+            raise WrongShape(f"no {what}: send at least one frame")
+        if count > self.limits.max_frames:
+            raise WrongShape(f"{count} {what} is more than the limit of {self.limits.max_frames}")
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One request's input, read: a multipart ``form`` body (``frames`` parts or one ``video`` part),
+    a list of ``base64`` images, or one encoded ``video``; ``frames`` samples a video to that count."""
+
+    kind: Literal["form", "base64", "video"]
+    data: Any  # bytes, or a list of base64 strings
+    content_type: str = ""
+    frames: int | None = None
+
+
+class FrameSplitter:
+    """Decode threads that may take the second half of a large clip (``DECODE_SPLIT_KB``).
+
+    A clip whose encoded frames total ``split_bytes`` or more offers its second half to
+    ``helpers`` while its own thread decodes the first, and takes the half back if no thread
+    has started it by then: a thread never waits for work that is only queued, so there is no
+    deadlock when every thread does this. Both JPEG decoders release the interpreter lock.
+    """
+
+    def __init__(self, helpers: Executor, split_bytes: int) -> None:
+        self.helpers, self.split_bytes = helpers, split_bytes
+
+    def decode(self, blobs: list[bytes], target: Target) -> list[np.ndarray]:
+        half = len(blobs) // 2
+        if half == 0 or sum(map(len, blobs)) < self.split_bytes:
+            return decode_each(blobs, target, 0)
+        try:
+            offered = self.helpers.submit(decode_each, blobs[half:], target, half)
+        except RuntimeError:  # the threads are shut down: the server is stopping
+            return decode_each(blobs, target, 0)
+        try:
+            frames = decode_each(blobs[:half], target, 0)
+        except BaseException:
+            offered.cancel()  # the first bad frame is the one reported
+            raise
+        rest = decode_each(blobs[half:], target, half) if offered.cancel() else offered.result()
+        return frames + rest
+
+
+def decode_each(blobs: list[bytes], target: Target, first: int = 0) -> list[np.ndarray]:
+    fmt, max_pixels = target.format, target.limits.max_pixels
+    return [decode_image(b, fmt, max_pixels, first + i) for i, b in enumerate(blobs)]
+
+
+def image_frames(blobs: list[bytes], target: Target, splitter: FrameSplitter | None = None) -> np.ndarray:
+    """Encoded images, in order -> (T, H, W, C) uint8."""
+    target.check_count(len(blobs))
+    return np.stack(splitter.decode(blobs, target) if splitter else decode_each(blobs, target))
+
+
+def video_frames(data: bytes, target: Target, frames: int | None = None) -> np.ndarray:
+    """An encoded video -> (T, H, W, C) uint8, ``frames`` (default: the model's clip length) sampled evenly."""
+    wanted = frames or target.clip_frames
+    target.check_count(wanted)
+    pick = partial(sample_indices, frames=wanted)
+    return decode_video(data, target.format, pick, max_pixels=target.limits.max_pixels)
+
+
+def base64_images(items: list[object]) -> list[bytes]:
+    blobs = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise BadInput(f"frame {i} must be a base64 string")
+        if item.startswith("data:") and "," in item:  # a data URL
+            item = item.split(",", 1)[1]
+        try:
+            blobs.append(base64.b64decode(item, validate=True))
+        except (binascii.Error, ValueError) as exc:
+            raise BadInput(f"frame {i} is not valid base64 ({exc})") from exc
+    return blobs
+
+
+def form_frames(
+    body: bytes, content_type: str, target: Target, frames: int | None, splitter: FrameSplitter | None
+) -> np.ndarray:
+    """A multipart body -> one clip: its ``frames`` file parts in order, or one ``video`` part."""
+    parts = parse_form(body, content_type, max_files=target.limits.max_frames)
+    images = [p for p in parts if p.name == "frames"]
+    videos = [p for p in parts if p.name == "video"]
+    if images and videos:
+        raise BadInput("send either 'frames' parts or one 'video' part, not both")
+    if len(videos) > 1:
+        raise WrongShape("send one 'video' part per request")
+    if videos:
+        if videos[0].filename is None:
+            raise BadInput("the 'video' part must be a file")
+        return video_frames(videos[0].data, target, frames)
+    for i, part in enumerate(images):
+        if part.filename is None:
+            raise BadInput(f"frame {i} must be a file part")
+    return image_frames([p.data for p in images], target, splitter)
+
+
+def decode_upload(upload: Upload, target: Target, splitter: FrameSplitter | None = None) -> np.ndarray:
+    """One upload -> its clip, uint8 (T, H, W, C) at ``target``'s size; ``splitter``: on the decode threads."""
+    if upload.kind == "form":
+        return form_frames(upload.data, upload.content_type, target, upload.frames, splitter)
+    if upload.kind == "base64":
+        target.check_count(len(upload.data))
+        return image_frames(base64_images(upload.data), target, splitter)
+    return video_frames(upload.data, target, upload.frames)
