@@ -11,22 +11,26 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
-COPY models ./models
 COPY app ./app
+COPY host ./host
+COPY media ./media
+COPY models ./models
 COPY training ./training
 RUN pip install --upgrade pip \
  && pip install -c constraints.txt ".[video]" \
- && python -c "import app.main, models; print('import ok')"
+ && python -c "import app.main, media, host, models; print('import ok')"
 
 FROM ${BASE_IMAGE} AS runtime
 ARG PIP_FIND_LINKS
 ARG PIP_EXTRA_INDEX_URL
+# PYTHONSAFEPATH: `python -m app` never looks for the packages in the folder it starts in
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    PYTHONSAFEPATH=1 \
     FUSIONSERVE_HOST=0.0.0.0 \
     FUSIONSERVE_PORT=8000
 # jemalloc serves malloc, keeping its freed pages for reuse (no decay): under sustained load its heap
-# stays at the working set where glibc's fragments; the server purges it once idle (docs/PERFORMANCE.md)
+# stays at the working set where glibc's fragments; the server purges it once idle (docs/performance.md)
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libjemalloc2 \
  && rm -rf /var/lib/apt/lists/* \
