@@ -121,10 +121,10 @@ def check_parity(
     checkpoint_path: str | Path, onnx_path: str | Path, lengths: Sequence[int] = PARITY_LENGTHS, seed: int = 0
 ) -> float:
     """Max abs logit difference between onnxruntime and the ragged PyTorch forward; ValueError if > 1e-4."""
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    ort_session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
 
     def run(clip: torch.Tensor) -> torch.Tensor:
-        (logits,) = session.run(["logits"], {"frames": clip.numpy()})
+        (logits,) = ort_session.run(["logits"], {"frames": clip.numpy()})
         return torch.from_numpy(np.asarray(logits))
 
     return _parity(checkpoint_path, onnx_path, run, lengths, seed)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -34,6 +33,3 @@ class BatchPolicy:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
         if self.max_delay_s < 0:
             raise ValueError(f"max_delay_s must not be negative, got {self.max_delay_s}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
