@@ -3,7 +3,8 @@
 The forward pass is timed on the actual device for batch sizes 1, 2, 4, ... at the model's
 clip length, up to 64 clips or the first size over the latency budget. The sizes are timed
 in turns, each sample running the same number of clips and each size keeping its fastest
-sample, so that a slow stretch of a shared machine hits every size alike. The limit is the
+sample, so that a slow stretch of a shared machine hits every size alike, and the turns go
+on until one leaves the choice as it was: the choice holds from start to start. The limit is the
 largest size within the budget whose clips/s is within ``tolerance`` of the best size's: a
 large limit costs nothing while the server is quiet (a lone clip runs at once), and under
 load it spreads the server's per-batch costs over more clips. The frame limit follows as
@@ -84,18 +85,47 @@ def choose_batch_limits(
     max_size: int = MAX_SIZE,
     tolerance: float = 0.2,
     repeats: int = 6,
+    settle: int = 2,
 ) -> Choice:
-    """Sweep batch sizes 1, 2, 4, ... up to ``max_size`` or the first over the budget (the better of
-    two calls each), then time the sizes within the budget ``repeats`` times in turn, each sample
-    running as many clips as the largest of them holds, so that a slow stretch of a shared machine
-    hits every size alike; each size keeps its fastest sample.
+    """Sweep batch sizes 1, 2, 4, ... up to ``max_size`` or the first over the budget, then time the
+    sizes within the budget in turns, each sample running as many clips as the largest of them
+    holds, so that a slow stretch of a shared machine hits every size alike; each size keeps its
+    fastest sample. From turn ``settle`` on, the turns stop once a turn leaves the choice as the
+    turn before it did, and after ``repeats`` turns in any case.
     """
     inputs, over = sweep(forward, frames, shape, budget_ms, max_size)
-    fastest = fastest_samples(forward, inputs, repeats)
+    fastest = dict.fromkeys(inputs, float("inf"))
+    decided: tuple[int, float, int] | None = None
+    for turn in range(1, repeats + 1):
+        time_turn(forward, inputs, fastest)
+        if turn >= settle or turn == repeats:
+            decision = decide(fastest, budget_ms, tolerance)
+            if decided is not None and decision[::2] == decided[::2]:  # the same size and share_from
+                decided = decision
+                break
+            decided = decision
+    assert decided is not None, "repeats must be at least 1"
+    best, gain, share_from = decided
     measured = {size: {"ms": round(t * 1000, 3), "clips_per_s": round(size / t, 1)} for size, t in fastest.items()}
-    if over is not None:  # the size that ended the sweep, from its two calls
+    if over is not None:  # the size that ended the sweep, from its fastest call
         size, t = over
         measured[size] = {"ms": round(t * 1000, 3), "clips_per_s": round(size / t, 1), "over_budget": True}
+    choice = Choice(best, best * frames, frames, budget_ms, measured, round(gain, 3), share_from)
+    log.info(
+        "batch limits by measurement: %d clips, %d frames, a second instance from %d waiting "
+        "(gain %.2fx, %d turns; %s)",
+        best,
+        best * frames,
+        share_from,
+        gain,
+        turn,
+        ", ".join(f"{b}: {m['clips_per_s']} clips/s" for b, m in measured.items()),
+    )
+    return choice
+
+
+def decide(fastest: dict[int, float], budget_ms: float, tolerance: float) -> tuple[int, float, int]:
+    """(clip limit, batching gain, share_from) from each size's fastest seconds per call."""
     within = [size for size, t in fastest.items() if size == 1 or t * 1000 <= budget_ms]
     top_rate = max(size / fastest[size] for size in within)
     best = max(size for size in within if size / fastest[size] >= (1 - tolerance) * top_rate)
@@ -103,17 +133,7 @@ def choose_batch_limits(
     # noisy rates reads high, and put this gain on either side of the tolerance from start to start
     batched = [size / fastest[size] for size in within if size > 1]
     gain = statistics.median(batched) * fastest[1] if batched else 1.0
-    share_from = max(1, best // 4) if gain > 1 + tolerance else 1
-    choice = Choice(best, best * frames, frames, budget_ms, measured, round(gain, 3), share_from)
-    log.info(
-        "batch limits by measurement: %d clips, %d frames, a second instance from %d waiting (gain %.2fx; %s)",
-        best,
-        best * frames,
-        share_from,
-        gain,
-        ", ".join(f"{b}: {m['clips_per_s']} clips/s" for b, m in measured.items()),
-    )
-    return choice
+    return best, gain, max(1, best // 4) if gain > 1 + tolerance else 1
 
 
 def sweep(
@@ -139,13 +159,10 @@ def sweep(
     return inputs, None
 
 
-def fastest_samples(
-    forward: Forward, inputs: dict[int, tuple[torch.Tensor, torch.Tensor]], repeats: int
-) -> dict[int, float]:
-    """Each size's fastest seconds per call over ``repeats`` turns of equal-work samples."""
+def time_turn(
+    forward: Forward, inputs: dict[int, tuple[torch.Tensor, torch.Tensor]], fastest: dict[int, float]
+) -> None:
+    """One equal-work sample of every size, each keeping its fastest seconds per call in ``fastest``."""
     clips = max(inputs)  # per sample, whatever the size: sizes are powers of two
-    fastest = dict.fromkeys(inputs, float("inf"))
-    for _ in range(repeats):
-        for size, batch in inputs.items():
-            fastest[size] = min(fastest[size], time_once(forward, batch, clips // size))
-    return fastest
+    for size, batch in inputs.items():
+        fastest[size] = min(fastest[size], time_once(forward, batch, clips // size))

@@ -117,3 +117,24 @@ def test_the_sweep_times_frames_laid_out_as_decoded_frames_arrive() -> None:
     assert seen and all(f.shape[1:] == clip.shape[1:] and f.dtype == clip.dtype for f in seen)
     assert all(f.stride()[1:] == clip.stride()[1:] for f in seen)
     assert all(f.is_contiguous(memory_format=torch.channels_last) for f in seen)
+
+
+def test_the_turns_stop_once_the_choice_holds_and_go_on_while_it_moves() -> None:
+    calls: dict[int, int] = {1: 0, 2: 0, 4: 0}
+
+    def forward(frames: torch.Tensor, lengths: torch.Tensor, slow_calls: tuple[int, ...]) -> torch.Tensor:
+        n = len(lengths)
+        calls[n] += 1
+        time.sleep(0.002 * n * (4 if n == 4 and calls[n] in slow_calls else 1))  # 2 ms a clip, or 8
+        return torch.zeros(n, 2)
+
+    # steady: the choice after the 2nd turn holds in the 3rd, and the turns stop there
+    choice = choose_batch_limits(lambda f, n: forward(f, n, ()), frames=2, shape=(1, 2, 2), budget_ms=1000, max_size=4)
+    assert choice.max_batch_size == 4 and calls[1] == 2 + 3 * 4  # the sweep's 2 calls, 3 turns of 4 single clips
+    # 4 clips slow in the first two turns (its calls 3 and 4 after the sweep's two): 2 clips chosen after the
+    # 2nd turn, 4 after the 3rd, which the 4th confirms
+    calls.update({1: 0, 2: 0, 4: 0})
+    choice = choose_batch_limits(
+        lambda f, n: forward(f, n, (3, 4)), frames=2, shape=(1, 2, 2), budget_ms=1000, max_size=4
+    )
+    assert choice.max_batch_size == 4 and calls[1] == 2 + 4 * 4
