@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from app import __version__
 from app.api import ops, predict, v2
 from app.api.errors import install_handlers
-from app.api.middleware import BodyDecoding, BodyLimit, RequestMetrics
+from app.api.middleware import BodyDecoding, BodyLimit, BodyLimits, RequestMetrics
 from app.loading import load
 from app.metrics import Metrics
 from app.service import Service
@@ -54,8 +54,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "Plain JSON under /predict and /models, the KServe v2 / Open Inference Protocol under /v2.",
     )
     install_handlers(app)
-    app.add_middleware(BodyDecoding, limit=settings.max_upload_bytes)  # inside the limit on the wire's bytes
-    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    limits = BodyLimits(upload=settings.max_upload_bytes, json=int(settings.max_json_mb * 1024 * 1024))
+    app.add_middleware(BodyDecoding, limits=limits)  # inside the limit on the wire's bytes
+    app.add_middleware(BodyLimit, limits=limits)
     app.add_middleware(RequestMetrics, metrics=metrics)
     for router in (predict.router, v2.health, v2.router, ops.router):
         app.include_router(router)

@@ -40,7 +40,7 @@ def parse_form(body: bytes, content_type: str, max_files: int, max_fields: int =
         with PushMultipartParser(boundary, max_segment_count=max_files + max_fields + 1) as parser:
             for event in parser.parse(body):
                 if isinstance(event, MultipartSegment):
-                    if event.disposition != "form-data" or event.name is None:
+                    if event.disposition != "form-data" or not event.name:
                         raise BadInput("the multipart body could not be parsed (a part without a form-data name)")
                     if event.filename is None:
                         if len(parts) - files >= max_fields:

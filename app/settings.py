@@ -89,6 +89,7 @@ class HttpSettings(BaseModel):
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
     max_upload_mb: float = Field(32.0, gt=0, description="largest request body, on the wire and inflated")
+    max_json_mb: float = Field(4.0, gt=0, description="largest JSON body (parsed, JSON takes up to about 25x its size)")
     keep_alive_s: int = Field(75, ge=1, description="seconds an idle keep-alive connection stays open")
     loop: Literal["auto", "asyncio", "uvloop"] = Field("auto", description="uvicorn's event loop")
     http: Literal["auto", "h11", "httptools"] = Field("auto", description="uvicorn's HTTP/1.1 parser")

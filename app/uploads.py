@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -38,11 +39,12 @@ class Target:
 
 @dataclass(frozen=True)
 class Upload:
-    """One request's input, read: a multipart ``form`` body (``frames`` parts or one ``video`` part),
-    a list of ``base64`` images, or one encoded ``video``; ``frames`` samples a video to that count."""
+    """One request's body, read: a multipart ``form`` (``frames`` parts or one ``video`` part) or a
+    ``json`` document (``{"frames": [base64, ...]}`` or ``{"video": base64}``); ``frames`` samples a
+    video to that count. Both are parsed here, off the event loop."""
 
-    kind: Literal["form", "base64", "video"]
-    data: Any  # bytes, or a list of base64 strings
+    kind: Literal["form", "json"]
+    data: bytes
     content_type: str = ""
     frames: int | None = None
 
@@ -130,11 +132,34 @@ def form_frames(
     return image_frames([p.data for p in images], target, splitter)
 
 
+def json_frames(body: bytes, target: Target, frames: int | None, splitter: FrameSplitter | None) -> np.ndarray:
+    """A JSON body -> one clip: ``{"frames": [base64 image, ...]}`` or ``{"video": base64}``."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BadInput(f"the body is not valid JSON ({type(exc).__name__})") from exc
+    # a key set to null is absent: clients often write their optional fields that way
+    video, images = (doc.get("video"), doc.get("frames")) if isinstance(doc, dict) else (None, None)
+    if video is None and images is None:
+        raise BadInput('the JSON body must be {"frames": ["<base64 image>", ...]} or {"video": "<base64>"}')
+    if video is not None and images is not None:
+        raise BadInput('send "frames" or "video", not both')
+    if images is not None:
+        if not isinstance(images, list):
+            raise BadInput('"frames" must be a list of base64 strings')
+        target.check_count(len(images))
+        return image_frames(base64_images(images), target, splitter)
+    if not isinstance(video, str):
+        raise BadInput(f'"video" must be a base64 string, not {type(video).__name__}')
+    try:
+        data = base64.b64decode(video, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadInput(f"video is not valid base64 ({exc})") from exc
+    return video_frames(data, target, frames)
+
+
 def decode_upload(upload: Upload, target: Target, splitter: FrameSplitter | None = None) -> np.ndarray:
     """One upload -> its clip, uint8 (T, H, W, C) at ``target``'s size; ``splitter``: on the decode threads."""
     if upload.kind == "form":
         return form_frames(upload.data, upload.content_type, target, upload.frames, splitter)
-    if upload.kind == "base64":
-        target.check_count(len(upload.data))
-        return image_frames(base64_images(upload.data), target, splitter)
-    return video_frames(upload.data, target, upload.frames)
+    return json_frames(upload.data, target, upload.frames, splitter)

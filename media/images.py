@@ -3,8 +3,10 @@
 JPEG goes through libjpeg-turbo's own interface (simplejpeg), which decodes at the same
 reduced scale as Pillow's draft mode and gives the same pixels without holding the
 interpreter lock; anything it does not take (PNG, WebP, BMP, CMYK JPEG, a warning) goes
-through Pillow. Both then resize bilinearly with Pillow. Training and serving both decode
-here, so a model is served the pixels it was trained on.
+through Pillow, and so does an image whose EXIF orientation says it is stored turned or
+mirrored (a phone's portrait photo), which Pillow turns upright. Both then resize bilinearly
+with Pillow. Training and serving both decode here, so a model is served the pixels it was
+trained on.
 """
 
 from __future__ import annotations
@@ -13,12 +15,18 @@ import io
 
 import numpy as np
 import simplejpeg
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from media.errors import BadInput, InputError, TooLarge
 from media.spec import FrameFormat
 
 IMAGE_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP"})
+EXIF_SEARCH = 65536  # a JPEG's EXIF block (APP1) comes before its image data, at the start of the file
+
+
+def turned(image: Image.Image) -> bool:
+    """Whether ``image`` (opened, not decoded) is stored turned or mirrored, by its EXIF orientation."""
+    return "exif" in image.info and image.getexif().get(ExifTags.Base.Orientation, 1) not in (0, 1)
 
 
 def draft_scale(width: int, height: int, fmt: FrameFormat) -> int:
@@ -36,6 +44,8 @@ def decode_jpeg(data: bytes, fmt: FrameFormat, max_pixels: int, index: int = 0) 
     """
     if not data.startswith(b"\xff\xd8"):
         return None
+    if data.find(b"Exif\x00\x00", 0, EXIF_SEARCH) >= 0 and turned(Image.open(io.BytesIO(data))):
+        return None  # Pillow turns it upright
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
@@ -66,15 +76,19 @@ def pillow_image(data: bytes, fmt: FrameFormat, max_pixels: int, index: int = 0)
         w, h = opened.size
         if w * h > max_pixels:
             raise TooLarge(f"frame {index} is {w}x{h}, more than {max_pixels} pixels")
+        upright = turned(opened)
         opened.draft(fmt.mode, fmt.size)  # JPEG: decode at a reduced scale
         opened.load()
+        image: Image.Image = ImageOps.exif_transpose(opened) if upright else opened
         # convert() copies even when the mode already matches
-        return opened if opened.mode == fmt.mode else opened.convert(fmt.mode)
+        return image if image.mode == fmt.mode else image.convert(fmt.mode)
     except InputError:
         raise
     except Image.DecompressionBombError as exc:  # Pillow's own guard, past twice its pixel limit
         raise TooLarge(f"frame {index} is a decompression bomb ({exc})") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except UnidentifiedImageError as exc:  # its message names the in-memory file object, an address
+        raise BadInput(f"frame {index} is not a decodable image (not a known image format)") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         raise BadInput(f"frame {index} is not a decodable image ({exc})") from exc
 
 

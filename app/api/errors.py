@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app import errors as e
 
@@ -70,6 +71,10 @@ def domain_response(request: Request, exc: Exception) -> Response:
 
 
 def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ClientDisconnect)
+    async def _left_mid_body(request: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # the client left while its body was read: nobody to answer
+
     @app.exception_handler(e.InputError)
     async def _input(request: Request, exc: e.InputError) -> Response:
         return domain_response(request, exc)

@@ -114,9 +114,17 @@ def input_array(request: dict[str, Any], binary: bytes, target: Target, max_clip
     return flat.astype(np.uint8).reshape(shape)
 
 
+def flag(params: dict[str, Any], name: str, default: bool) -> bool:
+    """A boolean parameter: JSON ``true`` or ``false`` only (the string "false" is not false)."""
+    value = params.get(name, default)
+    if type(value) is not bool:
+        raise BadInput(f"parameter {name} must be true or false, got {value!r}")
+    return value
+
+
 def output_options(request: dict[str, Any]) -> tuple[bool, int | None]:
     """(binary output?, classification top-k or None) for the ``probabilities`` output."""
-    binary = bool(parameters(request, "the request").get("binary_data_output", False))
+    binary = flag(parameters(request, "the request"), "binary_data_output", False)
     classification = None
     outputs = request.get("outputs") or []
     if not isinstance(outputs, list):
@@ -127,7 +135,7 @@ def output_options(request: dict[str, Any]) -> tuple[bool, int | None]:
                 f"unknown output {out.get('name') if isinstance(out, dict) else out!r}; this model gives {OUTPUT!r}"
             )
         params = parameters(out, f"output {OUTPUT!r}")
-        binary = bool(params.get("binary_data", binary))
+        binary = flag(params, "binary_data", binary)
         if params.get("classification") is not None:
             k = params["classification"]
             if type(k) is not int or k < 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -11,18 +12,37 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import BadInput, TooLarge, UnsupportedMedia
 
 
-class BodyLimit:
-    """Refuse bodies over ``limit`` bytes with 413, by Content-Length or while streaming."""
+def header(scope: Scope, name: bytes) -> bytes:
+    """One request header's value (b"" when absent): a scan, not a dict of every header, on every request."""
+    return next((v for k, v in scope.get("headers", ()) if k == name), b"")
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """The most bytes a request body may hold: ``upload`` (MAX_UPLOAD_MB), and ``json`` (MAX_JSON_MB)
+    for JSON, which parsing multiplies in memory."""
+
+    upload: int
+    json: int
+
+    def of(self, scope: Scope) -> int:
+        kind = header(scope, b"content-type").split(b";", 1)[0].strip().lower()
+        return self.json if kind == b"application/json" else self.upload
+
+
+class BodyLimit:
+    """Refuse bodies over their limit with 413, by Content-Length or while streaming."""
+
+    def __init__(self, app: ASGIApp, limits: BodyLimits) -> None:
+        self.app, self.limits = app, limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        limit = self.limits.of(scope)
+        declared = header(scope, b"content-length")
+        if declared.isdigit() and int(declared) > limit:
             scope["fusionserve.body_too_large"] = int(declared)
         seen = 0
 
@@ -30,14 +50,13 @@ class BodyLimit:
             nonlocal seen
             if "fusionserve.body_too_large" in scope:
                 raise TooLarge(
-                    f"request body of {scope['fusionserve.body_too_large']} bytes is over the "
-                    f"limit of {self.limit} bytes"
+                    f"request body of {scope['fusionserve.body_too_large']} bytes is over the limit of {limit} bytes"
                 )
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise TooLarge(f"request body is over the limit of {self.limit} bytes")
+                if seen > limit:
+                    raise TooLarge(f"request body is over the limit of {limit} bytes")
             return message
 
         await self.app(scope, limited, send)
@@ -45,19 +64,18 @@ class BodyLimit:
 
 class BodyDecoding:
     """Inflate request bodies sent with ``Content-Encoding: gzip`` or ``deflate`` (as Triton's clients
-    send them with ``request_compression_algorithm``), as they stream in, to at most ``limit`` bytes
+    send them with ``request_compression_algorithm``), as they stream in, to at most their limit
     (413 past it: a small compressed body can inflate to gigabytes); a body that does not inflate
     gets 400, and another encoding 415. Behind ``BodyLimit``, which counts the bytes on the wire."""
 
     ENCODINGS = ("gzip", "x-gzip", "deflate")
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limits: BodyLimits) -> None:
+        self.app, self.limits = app, limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # a scan, not a dict of every header: this runs on every request, and nearly all have no encoding
-        header = next((v for k, v in scope.get("headers", ()) if k == b"content-encoding"), b"")
-        codings = [c for c in header.decode("latin-1").lower().replace(" ", "").split(",") if c not in ("", "identity")]
+        encoding = header(scope, b"content-encoding").decode("latin-1").lower().replace(" ", "")
+        codings = [c for c in encoding.split(",") if c not in ("", "identity")]
         if not codings:
             await self.app(scope, receive, send)
             return
@@ -67,7 +85,7 @@ class BodyDecoding:
             "headers": [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")],
         }
         inflate = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip or a zlib header, told apart by its bytes
-        inflated = 0
+        inflated, limit = 0, self.limits.of(scope)
 
         async def decoded() -> Message:
             nonlocal inflated
@@ -79,14 +97,14 @@ class BodyDecoding:
             if message["type"] != "http.request":
                 return message
             try:
-                body = inflate.decompress(message.get("body", b""), self.limit - inflated + 1)
-                if not message.get("more_body", False) and len(body) + inflated <= self.limit:
+                body = inflate.decompress(message.get("body", b""), limit - inflated + 1)
+                if not message.get("more_body", False) and len(body) + inflated <= limit:
                     body += inflate.flush()
             except zlib.error as exc:
                 raise BadInput(f"the {codings[0]} request body does not inflate ({exc})") from exc
             inflated += len(body)
-            if inflated > self.limit or inflate.unconsumed_tail:
-                raise TooLarge(f"the request body inflates to more than the limit of {self.limit} bytes")
+            if inflated > limit or inflate.unconsumed_tail:
+                raise TooLarge(f"the request body inflates to more than the limit of {limit} bytes")
             if not message.get("more_body", False) and not inflate.eof:
                 raise BadInput(f"the {codings[0]} request body is truncated")
             return {**message, "body": body}

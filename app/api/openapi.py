@@ -1,27 +1,41 @@
 """What the OpenAPI document says of the routes whose bodies FastAPI cannot infer: the error
-statuses, the /predict request body (multipart or JSON), and the v2 inference body."""
+statuses of both surfaces, the /predict request body (multipart or JSON), and the v2 inference body.
+
+A schema cannot say "bytes that decode as a JPEG" or "data whose length matches its shape": such
+requests are schema-valid and still get 400 or 422, which the error statuses document.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from app.api.schemas import ErrorBody
+from app.api.schemas import ErrorBody, V2ErrorBody
 
 INPUT, OUTPUT = "frames", "probabilities"  # the v2 tensors' names
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody, "description": text}
-    for code, text in {
-        400: "undecodable input",
-        401: "missing or wrong API key",
-        404: "unknown model",
-        413: "too large",
-        415: "unsupported media type",
-        422: "wrong shape or frame count",
-        503: "overloaded or not ready",
-        504: "timed out in the queue",
-    }.items()
+_STATUSES = {
+    400: "undecodable input",
+    401: "missing or wrong API key",
+    404: "unknown model (or version)",
+    413: "too large",
+    415: "unsupported media type or content encoding",
+    422: "wrong shape or frame count",
+    503: "overloaded or not ready (Retry-After)",
+    504: "timed out",
 }
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text} for code, text in _STATUSES.items()
+}
+V2_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": V2ErrorBody, "description": text} for code, text in _STATUSES.items()
+}
+
+# a 2x2 PNG: the JSON example is a request the server answers
+EXAMPLE_FRAME = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGP4paGh8UuDQUPj169fGgAmnAX7JLrnRAAAAABJRU5ErkJggg=="
+)
+_ONE_OF_FRAMES_OR_VIDEO = [{"required": ["frames"]}, {"required": ["video"]}]
+
 PREDICT_BODY = {
     "requestBody": {
         "required": True,
@@ -32,6 +46,7 @@ PREDICT_BODY = {
                     "properties": {
                         "frames": {
                             "type": "array",
+                            "minItems": 1,
                             "items": {"type": "string", "format": "binary"},
                             "description": "one part per frame, in order (JPEG, PNG, WebP, BMP)",
                         },
@@ -41,28 +56,61 @@ PREDICT_BODY = {
                             "description": "or one video (MP4, WebM, AVI, MKV, ...)",
                         },
                     },
+                    "oneOf": _ONE_OF_FRAMES_OR_VIDEO,
                 },
             },
             "application/json": {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "frames": {"type": "array", "items": {"type": "string", "format": "byte"}},
+                        "frames": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "byte"}},
                         "video": {"type": "string", "format": "byte"},
                     },
+                    "oneOf": _ONE_OF_FRAMES_OR_VIDEO,
                 },
-                "example": {"frames": ["/9j/4AAQSkZJRgABAQ...", "/9j/4AAQSkZJRgABAQ..."]},
+                "example": {"frames": [EXAMPLE_FRAME, EXAMPLE_FRAME]},
             },
         },
     }
 }
 
+_V2_INPUT = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        "name": {"type": "string", "enum": [INPUT]},
+        "datatype": {"type": "string", "enum": ["UINT8"]},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 5, "maxItems": 5},
+        "data": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}},
+        "parameters": {"type": "object"},
+    },
+}
+_V2_OUTPUT = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "enum": [OUTPUT]},
+        "parameters": {
+            "type": "object",
+            "properties": {"binary_data": {"type": "boolean"}, "classification": {"type": "integer", "minimum": 1}},
+        },
+    },
+}
 INFER_BODY = {
     "requestBody": {
         "required": True,
         "content": {
             "application/json": {
-                "schema": {"type": "object"},
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "inputs": {"type": "array", "items": _V2_INPUT, "minItems": 1, "maxItems": 1},
+                        "outputs": {"type": "array", "items": _V2_OUTPUT},
+                        "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
+                    },
+                },
                 "example": {
                     "id": "42",
                     "inputs": [{"name": INPUT, "datatype": "UINT8", "shape": [1, 2, 2, 2, 3], "data": [0] * 24}],
@@ -78,6 +126,7 @@ INFER_BODY = {
     },
     "responses": {
         "200": {
+            "description": "the probabilities, as JSON or as a JSON header and binary tensors",
             "content": {
                 "application/json": {
                     "example": {
@@ -93,8 +142,9 @@ INFER_BODY = {
                             }
                         ],
                     }
-                }
-            }
+                },
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
         }
     },
 }

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import time
 from functools import partial
 from typing import Annotated
@@ -14,7 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from app.api.deps import ServiceDep, disconnected, require_api_key
 from app.api.openapi import ERRORS, PREDICT_BODY
 from app.api.schemas import ModelInfo, ModelList, Prediction, Timing, TopK
-from app.errors import BadInput, UnsupportedMedia
+from app.errors import UnsupportedMedia
 from app.intake import Answer
 from app.served import ServedModel
 from app.service import Service
@@ -27,35 +24,16 @@ FramesQuery = Annotated[int | None, Query(ge=1, description="frames to sample fr
 
 
 async def read_upload(request: Request, frames: int | None) -> Upload:
-    """The request body as an upload: a multipart form (split on the decode thread), or JSON."""
+    """The request body as an upload, parsed later on a decode thread: a multipart form or JSON."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         return Upload("form", await request.body(), request.headers["content-type"], frames)
-    if content_type != "application/json":
-        raise UnsupportedMedia(
-            f"content type {content_type or 'none'!r} is not supported; "
-            "send multipart/form-data (frames or video parts) or application/json"
-        )
-    try:
-        body = json.loads(await request.body())
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise BadInput(f"the body is not valid JSON ({type(exc).__name__})") from exc
-    # a key set to null is absent: clients often write their optional fields that way
-    video, images = (body.get("video"), body.get("frames")) if isinstance(body, dict) else (None, None)
-    if video is None and images is None:
-        raise BadInput('the JSON body must be {"frames": ["<base64 image>", ...]} or {"video": "<base64>"}')
-    if video is not None and images is not None:
-        raise BadInput('send "frames" or "video", not both')
-    if images is not None:
-        if not isinstance(images, list):
-            raise BadInput('"frames" must be a list of base64 strings')
-        return Upload("base64", images)
-    if not isinstance(video, str):
-        raise BadInput(f'"video" must be a base64 string, not {type(video).__name__}')
-    try:
-        return Upload("video", base64.b64decode(video, validate=True), frames=frames)
-    except (binascii.Error, ValueError) as exc:
-        raise BadInput(f"video is not valid base64 ({exc})") from exc
+    if content_type == "application/json":
+        return Upload("json", await request.body(), content_type, frames)
+    raise UnsupportedMedia(
+        f"content type {content_type or 'none'!r} is not supported; "
+        "send multipart/form-data (frames or video parts) or application/json"
+    )
 
 
 async def predict_with(

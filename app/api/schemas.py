@@ -87,3 +87,9 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class V2ErrorBody(BaseModel):
+    """The KServe v2 protocol's error body."""
+
+    error: str

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from app import __version__
 from app.api.deps import ServiceDep, disconnected, require_api_key
 from app.api.kserve import InferRequest, encode_output, parse_infer
-from app.api.openapi import INFER_BODY, INPUT, OUTPUT
+from app.api.openapi import INFER_BODY, INPUT, OUTPUT, V2_ERRORS
 from app.errors import NotFound
 from app.preprocess import tensor_to_clips
 from app.served import ServedModel
@@ -31,7 +31,11 @@ health = APIRouter(prefix="/v2", tags=["kserve-v2"])
 router = APIRouter(prefix="/v2", tags=["kserve-v2"], dependencies=[Depends(require_api_key)])
 
 
-@router.get("", summary="Server metadata")
+_AUTH: dict[int | str, dict[str, Any]] = {401: V2_ERRORS[401]}
+_MODEL: dict[int | str, dict[str, Any]] = {code: V2_ERRORS[code] for code in (401, 404)}
+
+
+@router.get("", summary="Server metadata", responses=_AUTH)
 async def server_metadata() -> dict[str, Any]:
     return {"name": "fusionserve", "version": __version__, "extensions": EXTENSIONS}
 
@@ -41,7 +45,11 @@ async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@health.get("/health/ready", summary="Readiness: every model loaded and warmed, not shutting down")
+@health.get(
+    "/health/ready",
+    summary="Readiness: every model loaded and warmed, not shutting down",
+    responses={503: {"description": "not ready"}},
+)
 async def ready(service: ServiceDep) -> JSONResponse:
     ok = service.ready and not service.draining
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
@@ -66,25 +74,55 @@ def metadata(served: ServedModel) -> dict[str, Any]:
     }
 
 
-@router.get("/models/{name}", summary="Model metadata")
-@router.get("/models/{name}/versions/{version}", include_in_schema=False)
-async def model_metadata(name: str, service: ServiceDep, version: str | None = None) -> dict[str, Any]:
+@router.get("/models/{name}", summary="Model metadata", responses=_MODEL)
+async def model_metadata(name: str, service: ServiceDep) -> dict[str, Any]:
+    return metadata(served_version(service, name, None))
+
+
+@router.get("/models/{name}/versions/{version}", summary="Model metadata, of one version", responses=_MODEL)
+async def model_version_metadata(name: str, version: str, service: ServiceDep) -> dict[str, Any]:
     return metadata(served_version(service, name, version))
 
 
-@router.get("/models/{name}/ready", summary="Model readiness")
-@router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
-async def model_ready(name: str, service: ServiceDep, version: str | None = None) -> JSONResponse:
-    served = served_version(service, name, version)
+def readiness(service: Service, served: ServedModel) -> JSONResponse:
     ok = service.ready and not service.draining
     return JSONResponse({"name": served.name, "ready": ok}, status_code=200 if ok else 503)
 
 
+_READY: dict[int | str, dict[str, Any]] = {**_MODEL, 503: {"description": "not ready"}}
+
+
+@router.get("/models/{name}/ready", summary="Model readiness", responses=_READY)
+async def model_ready(name: str, service: ServiceDep) -> JSONResponse:
+    return readiness(service, served_version(service, name, None))
+
+
+@router.get("/models/{name}/versions/{version}/ready", summary="Model readiness, of one version", responses=_READY)
+async def model_version_ready(name: str, version: str, service: ServiceDep) -> JSONResponse:
+    return readiness(service, served_version(service, name, version))
+
+
 @router.post(
-    "/models/{name}/infer", summary="Inference (JSON, or JSON header + binary tensors)", openapi_extra=INFER_BODY
+    "/models/{name}/infer",
+    summary="Inference (JSON, or JSON header + binary tensors)",
+    openapi_extra=INFER_BODY,
+    responses=V2_ERRORS,
 )
-@router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
-async def infer(name: str, request: Request, service: ServiceDep, version: str | None = None) -> Response:
+async def infer(name: str, request: Request, service: ServiceDep) -> Response:
+    return await infer_with(request, service, name, None)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    summary="Inference on one version",
+    openapi_extra=INFER_BODY,
+    responses=V2_ERRORS,
+)
+async def infer_version(name: str, version: str, request: Request, service: ServiceDep) -> Response:
+    return await infer_with(request, service, name, version)
+
+
+async def infer_with(request: Request, service: Service, name: str, version: str | None) -> Response:
     service.check_accepting()
     served = served_version(service, name, version)
     body = await request.body()

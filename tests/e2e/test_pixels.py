@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from app.runtime import ModelRuntime
 from models import load_checkpoint
@@ -29,6 +30,15 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_frames(root / "train" / "a" / "png", np.stack([picture(45, 45, seed=i) for i in range(12)]), "png")
     frames = np.stack([np.clip(picture(48, 64, seed=i % 7) // 2 + i, 0, 255).astype(np.uint8) for i in range(200)])
     write_video(root / "train" / "b" / "clip.mp4", frames, fps=4)
+    phone = root / "train" / "b" / "exif"  # stored sideways (EXIF orientation 6), bright at the top when upright
+    phone.mkdir(parents=True)
+    for i in range(8):
+        upright = picture(64, 48, seed=i) // 2
+        upright[:32] += 120
+        image = Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1)))
+        exif = image.getexif()
+        exif[0x0112] = 6
+        image.save(phone / f"img_{i + 1}.jpg", quality=95, exif=exif)
     return root
 
 
@@ -56,7 +66,9 @@ def posted(url: str, seen: list[torch.Tensor], files: list) -> torch.Tensor:  # 
     return frames
 
 
-@pytest.mark.parametrize(("clip", "kind"), [("a/jpeg", "jpeg"), ("a/png", "png"), ("b/clip.mp4", "video")])
+@pytest.mark.parametrize(
+    ("clip", "kind"), [("a/jpeg", "jpeg"), ("a/png", "png"), ("b/clip.mp4", "video"), ("b/exif", "jpeg")]
+)
 def test_training_and_serving_decode_the_same_uint8_frames(
     dataset: Path, served: tuple[str, list[torch.Tensor]], default_ckpt: Path, clip: str, kind: str
 ) -> None:
@@ -73,7 +85,10 @@ def test_training_and_serving_decode_the_same_uint8_frames(
     got = posted(url, seen, files)
     assert got.dtype == torch.uint8 and got.shape == trained.shape == (trained.shape[0], 3, spec.height, spec.width)
     assert torch.equal(got, trained)
-    assert trained.shape[0] == {"jpeg": 16, "png": 12, "video": spec.frames}[kind]
+    assert trained.shape[0] == {"a/jpeg": 16, "a/png": 12, "b/clip.mp4": spec.frames, "b/exif": 8}[clip]
+    if clip == "b/exif":  # turned upright on both sides: the bright half on top
+        top, bottom = trained[:, :, : spec.height // 2].float().mean(), trained[:, :, spec.height // 2 :].float().mean()
+        assert top > bottom + 60, (top, bottom)
     assert len({f.numpy().tobytes() for f in trained}) == trained.shape[0]  # every frame differs: order shows
 
 
