@@ -116,6 +116,9 @@ def form_frames(
 ) -> np.ndarray:
     """A multipart body -> one clip: its ``frames`` file parts in order, or one ``video`` part."""
     parts = parse_form(body, content_type, max_files=target.limits.max_frames)
+    unknown = sorted({p.name for p in parts} - {"frames", "video"})
+    if unknown:
+        raise BadInput(f"unknown parts {unknown}; send 'frames' parts or one 'video' part")
     images = [p for p in parts if p.name == "frames"]
     videos = [p for p in parts if p.name == "video"]
     if images and videos:

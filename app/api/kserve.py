@@ -27,7 +27,7 @@ class InferRequest:
     array: np.ndarray  # uint8 (B, T, H, W, C)
     binary_output: bool
     classification: int | None
-    id: Any
+    id: str | None
 
 
 def parse_infer(body: bytes, header_length: str | None, target: Target, max_clips: int) -> InferRequest:
@@ -35,7 +35,10 @@ def parse_infer(body: bytes, header_length: str | None, target: Target, max_clip
     request, binary = parse_request(body, header_length)
     array = input_array(request, binary, target, max_clips)
     binary_output, classification = output_options(request)
-    return InferRequest(array, binary_output, classification, request.get("id"))
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadInput(f"the request id must be a string, got {type(request_id).__name__}")
+    return InferRequest(array, binary_output, classification, request_id)
 
 
 def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
@@ -126,7 +129,8 @@ def output_options(request: dict[str, Any]) -> tuple[bool, int | None]:
     """(binary output?, classification top-k or None) for the ``probabilities`` output."""
     binary = flag(parameters(request, "the request"), "binary_data_output", False)
     classification = None
-    outputs = request.get("outputs") or []
+    outputs = request.get("outputs")
+    outputs = [] if outputs is None else outputs
     if not isinstance(outputs, list):
         raise BadInput("outputs must be a list")
     for out in outputs:

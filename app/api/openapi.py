@@ -34,7 +34,7 @@ V2_ERRORS: dict[int | str, dict[str, Any]] = {
 EXAMPLE_FRAME = (
     "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGP4paGh8UuDQUPj169fGgAmnAX7JLrnRAAAAABJRU5ErkJggg=="
 )
-_ONE_OF_FRAMES_OR_VIDEO = [{"required": ["frames"]}, {"required": ["video"]}]
+_FRAMES_OR_VIDEO = [{"required": ["frames"]}, {"required": ["video"]}]  # one of them, not null
 
 PREDICT_BODY = {
     "requestBody": {
@@ -46,7 +46,6 @@ PREDICT_BODY = {
                     "properties": {
                         "frames": {
                             "type": "array",
-                            "minItems": 1,
                             "items": {"type": "string", "format": "binary"},
                             "description": "one part per frame, in order (JPEG, PNG, WebP, BMP)",
                         },
@@ -56,17 +55,23 @@ PREDICT_BODY = {
                             "description": "or one video (MP4, WebM, AVI, MKV, ...)",
                         },
                     },
-                    "oneOf": _ONE_OF_FRAMES_OR_VIDEO,
+                    "additionalProperties": False,
+                    "description": "frames parts, or one video part",
                 },
             },
             "application/json": {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "frames": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "byte"}},
-                        "video": {"type": "string", "format": "byte"},
+                        "frames": {
+                            "type": ["array", "null"],
+                            "minItems": 1,
+                            "items": {"type": "string", "format": "byte"},
+                            "description": "base64 images, in order; null is absent",
+                        },
+                        "video": {"type": ["string", "null"], "format": "byte", "description": "or a base64 video"},
                     },
-                    "oneOf": _ONE_OF_FRAMES_OR_VIDEO,
+                    "anyOf": _FRAMES_OR_VIDEO,
                 },
                 "example": {"frames": [EXAMPLE_FRAME, EXAMPLE_FRAME]},
             },
@@ -82,7 +87,7 @@ _V2_INPUT = {
         "datatype": {"type": "string", "enum": ["UINT8"]},
         "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 5, "maxItems": 5},
         "data": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}},
-        "parameters": {"type": "object"},
+        "parameters": {"type": ["object", "null"]},
     },
 }
 _V2_OUTPUT = {
@@ -91,8 +96,11 @@ _V2_OUTPUT = {
     "properties": {
         "name": {"type": "string", "enum": [OUTPUT]},
         "parameters": {
-            "type": "object",
-            "properties": {"binary_data": {"type": "boolean"}, "classification": {"type": "integer", "minimum": 1}},
+            "type": ["object", "null"],
+            "properties": {
+                "binary_data": {"type": "boolean"},
+                "classification": {"type": ["integer", "null"], "minimum": 1},
+            },
         },
     },
 }
@@ -105,10 +113,13 @@ INFER_BODY = {
                     "type": "object",
                     "required": ["inputs"],
                     "properties": {
-                        "id": {"type": "string"},
+                        "id": {"type": ["string", "null"]},
                         "inputs": {"type": "array", "items": _V2_INPUT, "minItems": 1, "maxItems": 1},
-                        "outputs": {"type": "array", "items": _V2_OUTPUT},
-                        "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
+                        "outputs": {"type": ["array", "null"], "items": _V2_OUTPUT},
+                        "parameters": {
+                            "type": ["object", "null"],
+                            "properties": {"binary_data_output": {"type": "boolean"}},
+                        },
                     },
                 },
                 "example": {

@@ -49,9 +49,16 @@ def test_text_file_as_an_image(server: str) -> None:
 
 
 def test_zero_frames(server: str) -> None:
-    r = httpx.post(f"{server}/predict", files={"other": ("x.bin", b"123", "application/octet-stream")})
-    expect_error(r, 422, "wrong_shape", server)
+    form = {"content-type": "multipart/form-data; boundary=abc"}
+    expect_error(httpx.post(f"{server}/predict", content=b"--abc--\r\n", headers=form), 422, "wrong_shape", server)
     expect_error(httpx.post(f"{server}/predict", json={"frames": []}), 422, "wrong_shape", server)
+
+
+def test_a_part_of_another_name_is_refused_not_ignored(server: str) -> None:
+    files = [*multipart_frames(frames(2)), ("other", ("x.bin", b"123", "application/octet-stream"))]
+    r = httpx.post(f"{server}/predict", files=files)
+    expect_error(r, 400, "bad_input", server)
+    assert "unknown parts ['other']" in r.json()["error"]["message"]
 
 
 def test_too_many_frames(server: str) -> None:
