@@ -15,9 +15,9 @@ CONFIG = Path(__file__).with_name("schemathesis.toml")
 def test_schemathesis_finds_no_failure_of_any_check(default_ckpt: Path) -> None:
     st = Path(sys.executable).with_name("st")
     with spawn_server("--checkpoint", str(default_ckpt), "--max-batch-size", "4") as (_, url):
+        options = ["--checks", "all", "--max-examples", "25", "--workers", "1", "--seed", "7", "--no-color"]
         run = subprocess.run(
-            [str(st), "--config-file", str(CONFIG), "run", f"{url}/openapi.json", "--checks", "all"]
-            + ["--max-examples", "25", "--workers", "1", "--seed", "7", "--no-color"],
+            [str(st), "--config-file", str(CONFIG), "run", f"{url}/openapi.json", *options],
             capture_output=True,
             text=True,
             timeout=300,
