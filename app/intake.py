@@ -30,7 +30,7 @@ import torch
 
 from app.batching import ClipQueue, Result, Ticket, new_tickets, settle
 from app.decoding import Decoders
-from app.errors import ClientGone, Overloaded, TimedOut
+from app.errors import ClientGone, DecoderFailed, Overloaded, TimedOut
 from app.preprocess import array_to_clip
 from app.served import ServedModel
 from app.uploads import Upload
@@ -136,6 +136,10 @@ class Intake:
         queue.enqueue(tickets, clips)
         return await self._answers(queue, tickets, disconnected)
 
+    def saturated(self) -> bool:
+        """Whether every model's uploads waiting to be decoded are at their limit: new ones would get 503."""
+        return all(slots.taken >= slots.limit for slots in self._slots.values())
+
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on a decode thread (parsing and validating a request body, say)."""
         return await self.decoders.run(fn, *args)
@@ -146,9 +150,12 @@ class Intake:
     ) -> None:
         """On a decode thread: queue the decoded clip, or answer its tickets with the failure."""
         try:
-            if isinstance(exc, CancelledError):  # its request ended before decoding started
+            if isinstance(exc, CancelledError) and queue.abandoned(tickets):  # its request ended first
                 for _ in tickets:
                     queue.dropped("undecoded")
+            elif isinstance(exc, CancelledError):  # stopped though its request goes on: never left waiting
+                for t in tickets:
+                    settle(t, exc=DecoderFailed("the decode of this upload was stopped; try again"))
             elif exc is not None:
                 for t in tickets:
                     settle(t, exc=exc)

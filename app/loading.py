@@ -140,7 +140,7 @@ def serve(runtime: ModelRuntime, s: Settings, metrics: Metrics, release: HeapRel
         name, runtime.version, str(runtime.device), runtime.checkpoint.model.config.head.name
     ).set(1)
     metrics.queue_depth.labels(name).set_function(partial(getattr, batcher, "depth"))
-    limits = Limits(max_frames=s.max_frames, max_pixels=s.max_pixels)
+    limits = Limits(max_frames=s.max_frames, max_pixels=s.max_pixels, max_decoded=s.max_decoded_frames)
     return ServedModel(runtime, batcher, Target(FrameFormat.of(runtime.spec), runtime.spec.frames, limits), tuning)
 
 

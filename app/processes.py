@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-import app.uploads  # noqa: F401  (a started decode process has the decoders imported)
+import app.uploads
 from app.errors import DecoderFailed, NotReady
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,58 @@ def process_id(delay_s: float = 0.0) -> int:
     return os.getpid()
 
 
-def ignore_interrupts() -> None:
-    """In a decode process, first: SIGINT is the server's to act on. A terminal's Ctrl-C reaches the
-    whole process group; the server shuts its decode processes down once it has answered what it
-    accepted. (SIGTERM stays: the pool stops the processes of a broken pool with it.)"""
+# In a decode process: the flags its jobs read between frames (set by ``start_decoder``, per process)
+_flags: Any = None
+
+
+def start_decoder(flags: Any = None) -> None:
+    """In a decode process, first. SIGINT is the server's to act on: a terminal's Ctrl-C reaches the
+    whole process group, and the server shuts its decode processes down once it has answered what it
+    accepted (SIGTERM stays: the pool stops the processes of a broken pool with it). ``flags`` are the
+    server's ``CancelFlags``, shared memory."""
+    global _flags
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _flags = flags
+
+
+def decode_flagged(slot: int | None, upload: app.uploads.Upload, target: app.uploads.Target) -> np.ndarray:
+    """In a decode process: ``upload`` decoded, stopping between frames once the server sets ``slot``'s flag."""
+    flags = _flags
+    stop = None if slot is None or flags is None else (lambda: flags[slot] != 0)
+    return app.uploads.decode_upload(upload, target, None, stop)
+
+
+class CancelFlags:
+    """One byte of shared memory per decode job in flight: set, the process decoding it stops at its
+    next frame (a job whose request timed out or whose client left). A slot is a job's until the job
+    is over; a request that ends later cannot set a slot another job holds by then."""
+
+    def __init__(self, context: Any, slots: int = 1024) -> None:
+        self.array = context.RawArray("b", slots)
+        self._free = list(range(slots))
+        self._owners: dict[int, object] = {}
+        self._lock = threading.Lock()
+
+    def take(self) -> tuple[int, object] | None:
+        """A free slot, cleared, and the token that owns it; None when every slot is in use (the job then
+        cannot be stopped early)."""
+        with self._lock:
+            if not self._free:
+                return None
+            slot, token = self._free.pop(), object()
+            self._owners[slot] = token
+            return slot, token
+
+    def set(self, held: tuple[int, object] | None) -> None:
+        with self._lock:
+            if held is not None and self._owners.get(held[0]) is held[1]:
+                self.array[held[0]] = 1
+
+    def give_back(self, held: tuple[int, object] | None) -> None:
+        with self._lock:
+            if held is not None and self._owners.pop(held[0], None) is held[1]:
+                self.array[held[0]] = 0
+                self._free.append(held[0])
 
 
 Done = Callable[[np.ndarray | None, BaseException | None], None]
@@ -61,12 +108,15 @@ class ProcessDecoders:
         self.processes = processes
         self.restarts = 0  # shared pools replaced after a decode process died
         self._context = multiprocessing.get_context("spawn")  # never fork a process that holds torch's threads
+        self.flags = CancelFlags(self._context)
         self._lock = threading.Lock()
         self._closed = False
         self._pool = self._new_pool(processes)
 
     def _new_pool(self, processes: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(processes, mp_context=self._context, initializer=ignore_interrupts)
+        return ProcessPoolExecutor(
+            processes, mp_context=self._context, initializer=start_decoder, initargs=(self.flags.array,)
+        )
 
     def start(self, timeout_s: float = 120.0) -> list[int]:
         """Start every process now (each imports this module, and with it the decoders), not on the

@@ -42,6 +42,11 @@ class Service:
             raise NotFound(f"no model named {name!r}; loaded: {sorted(self.models)}")
         return self.models[name]
 
+    @property
+    def accepting(self) -> bool:
+        """Ready for work: loaded, not shutting down, and able to take an upload (readiness says so)."""
+        return self.ready and not self.draining and not self.intake.saturated()
+
     def check_accepting(self) -> None:
         if self.draining:
             raise NotReady("the server is shutting down")

@@ -61,6 +61,7 @@ class BatchingSettings(BaseModel):
 class DecodingSettings(BaseModel):
     max_frames: int = Field(64, ge=1, description="most frames in one clip")
     max_pixels: int = Field(4096 * 4096, ge=1, description="largest width x height of one frame")
+    max_decoded_frames: int = Field(10_000, ge=1, description="most frames decoded from one video (413 past it)")
     decode_workers: int = Field(2, ge=1, description="threads that decode images and videos")
     decode_processes: int | None = Field(
         None, ge=0, description="processes that decode uploads; default: CUDA 4+ cores, else 0"

@@ -1,8 +1,10 @@
 """An upload as read off the wire -> one clip's pixels, uint8 (T, H, W, C) at a model's size.
 
-``decode_upload`` runs on a decode thread or in a decode process (``app.decoding``), so this
-module imports no torch and raises only the ``media`` input errors, which pickle. Frames are
-decoded by ``media``, as training decodes them.
+Two stages, both off the event loop: ``parse_upload`` splits a multipart form or parses a JSON
+document into what it holds (encoded images, or one encoded video), and ``decode_parsed`` decodes
+that with ``media``, as training decodes it. They run on a decode thread or in a decode process
+(``app.decoding``), so this module imports no torch and raises only the ``media`` errors, which
+pickle. ``stop`` is asked between frames: a decode whose request has ended stops.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
@@ -17,8 +20,10 @@ from typing import Literal
 
 import numpy as np
 
-from app.multipart import parse_form
-from media import BadInput, FrameFormat, Limits, WrongShape, decode_image, decode_video, sample_indices
+from app.multipart import parse_form as parse_form_parts
+from media import BadInput, FrameFormat, Limits, Stopped, WrongShape, decode_image, decode_video, sample_indices
+
+Stop = Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -41,11 +46,21 @@ class Target:
 class Upload:
     """One request's body, read: a multipart ``form`` (``frames`` parts or one ``video`` part) or a
     ``json`` document (``{"frames": [base64, ...]}`` or ``{"video": base64}``); ``frames`` samples a
-    video to that count. Both are parsed here, off the event loop."""
+    video to that count."""
 
     kind: Literal["form", "json"]
     data: bytes
     content_type: str = ""
+    frames: int | None = None
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """What an upload holds: encoded images in order, or one encoded video (and how many frames to
+    sample from it; None: the model's clip length)."""
+
+    images: list[bytes] | None = None
+    video: bytes | None = None
     frames: int | None = None
 
 
@@ -61,40 +76,50 @@ class FrameSplitter:
     def __init__(self, helpers: Executor, split_bytes: int) -> None:
         self.helpers, self.split_bytes = helpers, split_bytes
 
-    def decode(self, blobs: list[bytes], target: Target) -> list[np.ndarray]:
+    def decode(self, blobs: list[bytes], target: Target, stop: Stop | None = None) -> list[np.ndarray]:
         half = len(blobs) // 2
         if half == 0 or sum(map(len, blobs)) < self.split_bytes:
-            return decode_each(blobs, target, 0)
+            return decode_each(blobs, target, 0, stop)
         try:
-            offered = self.helpers.submit(decode_each, blobs[half:], target, half)
+            offered = self.helpers.submit(decode_each, blobs[half:], target, half, stop)
         except RuntimeError:  # the threads are shut down: the server is stopping
-            return decode_each(blobs, target, 0)
+            return decode_each(blobs, target, 0, stop)
         try:
-            frames = decode_each(blobs[:half], target, 0)
+            frames = decode_each(blobs[:half], target, 0, stop)
         except BaseException:
             offered.cancel()  # the first bad frame is the one reported
             raise
-        rest = decode_each(blobs[half:], target, half) if offered.cancel() else offered.result()
+        rest = decode_each(blobs[half:], target, half, stop) if offered.cancel() else offered.result()
         return frames + rest
 
 
-def decode_each(blobs: list[bytes], target: Target, first: int = 0) -> list[np.ndarray]:
+def decode_each(blobs: list[bytes], target: Target, first: int = 0, stop: Stop | None = None) -> list[np.ndarray]:
     fmt, max_pixels = target.format, target.limits.max_pixels
-    return [decode_image(b, fmt, max_pixels, first + i) for i, b in enumerate(blobs)]
+    frames = []
+    for i, blob in enumerate(blobs):
+        if stop is not None and stop():
+            raise Stopped("the decode is no longer wanted")
+        frames.append(decode_image(blob, fmt, max_pixels, first + i))
+    return frames
 
 
-def image_frames(blobs: list[bytes], target: Target, splitter: FrameSplitter | None = None) -> np.ndarray:
+def image_frames(
+    blobs: list[bytes], target: Target, splitter: FrameSplitter | None = None, stop: Stop | None = None
+) -> np.ndarray:
     """Encoded images, in order -> (T, H, W, C) uint8."""
     target.check_count(len(blobs))
-    return np.stack(splitter.decode(blobs, target) if splitter else decode_each(blobs, target))
+    return np.stack(splitter.decode(blobs, target, stop) if splitter else decode_each(blobs, target, 0, stop))
 
 
-def video_frames(data: bytes, target: Target, frames: int | None = None) -> np.ndarray:
+def video_frames(data: bytes, target: Target, frames: int | None = None, stop: Stop | None = None) -> np.ndarray:
     """An encoded video -> (T, H, W, C) uint8, ``frames`` (default: the model's clip length) sampled evenly."""
     wanted = frames or target.clip_frames
     target.check_count(wanted)
     pick = partial(sample_indices, frames=wanted)
-    return decode_video(data, target.format, pick, max_pixels=target.limits.max_pixels)
+    limits = target.limits
+    return decode_video(
+        data, target.format, pick, max_pixels=limits.max_pixels, max_decoded=limits.max_decoded, stop=stop
+    )
 
 
 def base64_images(items: list[object]) -> list[bytes]:
@@ -111,11 +136,9 @@ def base64_images(items: list[object]) -> list[bytes]:
     return blobs
 
 
-def form_frames(
-    body: bytes, content_type: str, target: Target, frames: int | None, splitter: FrameSplitter | None
-) -> np.ndarray:
-    """A multipart body -> one clip: its ``frames`` file parts in order, or one ``video`` part."""
-    parts = parse_form(body, content_type, max_files=target.limits.max_frames)
+def parse_form(body: bytes, content_type: str, target: Target, frames: int | None) -> Parsed:
+    """A multipart body: its ``frames`` file parts in order, or one ``video`` part."""
+    parts = parse_form_parts(body, content_type, max_files=target.limits.max_frames)
     unknown = sorted({p.name for p in parts} - {"frames", "video"})
     if unknown:
         raise BadInput(f"unknown parts {unknown}; send 'frames' parts or one 'video' part")
@@ -128,15 +151,15 @@ def form_frames(
     if videos:
         if videos[0].filename is None:
             raise BadInput("the 'video' part must be a file")
-        return video_frames(videos[0].data, target, frames)
+        return Parsed(video=videos[0].data, frames=frames)
     for i, part in enumerate(images):
         if part.filename is None:
             raise BadInput(f"frame {i} must be a file part")
-    return image_frames([p.data for p in images], target, splitter)
+    return Parsed(images=[p.data for p in images])
 
 
-def json_frames(body: bytes, target: Target, frames: int | None, splitter: FrameSplitter | None) -> np.ndarray:
-    """A JSON body -> one clip: ``{"frames": [base64 image, ...]}`` or ``{"video": base64}``."""
+def parse_json(body: bytes, target: Target, frames: int | None) -> Parsed:
+    """A JSON body: ``{"frames": [base64 image, ...]}`` or ``{"video": base64}``."""
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -151,18 +174,31 @@ def json_frames(body: bytes, target: Target, frames: int | None, splitter: Frame
         if not isinstance(images, list):
             raise BadInput('"frames" must be a list of base64 strings')
         target.check_count(len(images))
-        return image_frames(base64_images(images), target, splitter)
+        return Parsed(images=base64_images(images))
     if not isinstance(video, str):
         raise BadInput(f'"video" must be a base64 string, not {type(video).__name__}')
     try:
-        data = base64.b64decode(video, validate=True)
+        return Parsed(video=base64.b64decode(video, validate=True), frames=frames)
     except (binascii.Error, ValueError) as exc:
         raise BadInput(f"video is not valid base64 ({exc})") from exc
-    return video_frames(data, target, frames)
 
 
-def decode_upload(upload: Upload, target: Target, splitter: FrameSplitter | None = None) -> np.ndarray:
-    """One upload -> its clip, uint8 (T, H, W, C) at ``target``'s size; ``splitter``: on the decode threads."""
+def parse_upload(upload: Upload, target: Target) -> Parsed:
     if upload.kind == "form":
-        return form_frames(upload.data, upload.content_type, target, upload.frames, splitter)
-    return json_frames(upload.data, target, upload.frames, splitter)
+        return parse_form(upload.data, upload.content_type, target, upload.frames)
+    return parse_json(upload.data, target, upload.frames)
+
+
+def decode_parsed(
+    parsed: Parsed, target: Target, splitter: FrameSplitter | None = None, stop: Stop | None = None
+) -> np.ndarray:
+    if parsed.video is not None:
+        return video_frames(parsed.video, target, parsed.frames, stop)
+    return image_frames(parsed.images or [], target, splitter, stop)
+
+
+def decode_upload(
+    upload: Upload, target: Target, splitter: FrameSplitter | None = None, stop: Stop | None = None
+) -> np.ndarray:
+    """One upload -> its clip, uint8 (T, H, W, C) at ``target``'s size."""
+    return decode_parsed(parse_upload(upload, target), target, splitter, stop)

@@ -2,7 +2,7 @@
 resizing to a model's frame size, and segment sampling. Imports neither torch, ``app`` nor
 ``training``, so a decode process stays small."""
 
-from media.errors import BadInput, InputError, TooLarge, UnsupportedMedia, WrongShape
+from media.errors import BadInput, InputError, Stopped, TooLarge, UnsupportedMedia, WrongShape
 from media.images import IMAGE_FORMATS, decode_image
 from media.sampling import sample_indices
 from media.spec import FrameFormat, Limits
@@ -14,6 +14,7 @@ __all__ = [
     "FrameFormat",
     "InputError",
     "Limits",
+    "Stopped",
     "TooLarge",
     "UnsupportedMedia",
     "WrongShape",

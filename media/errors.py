@@ -22,3 +22,8 @@ class UnsupportedMedia(InputError):
 
 class WrongShape(InputError):
     """The wrong count or shape: no frames, more than the limit, a tensor that does not fit the model."""
+
+
+class Stopped(Exception):
+    """A decode stopped because its result is no longer wanted (its request timed out or its client left).
+    Not the client's input's fault: it has no status of its own."""

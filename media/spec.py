@@ -43,7 +43,9 @@ class FrameFormat:
 
 @dataclass(frozen=True)
 class Limits:
-    """What one input may hold before it is refused: frames in one clip, pixels in one frame."""
+    """What one input may hold before it is refused: frames in one clip, pixels in one frame, and
+    frames decoded from one video."""
 
     max_frames: int = 10_000
     max_pixels: int = 1 << 31
+    max_decoded: int = 10_000

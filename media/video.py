@@ -1,27 +1,31 @@
 """An encoded video -> the uint8 (T, H, W, C) frames a model takes, sampled from it by PyAV.
 
-Two ways through a video, with the same decoder and the same resize (libswscale, to the
-model's size, as each frame is decoded):
-- ``seek=False`` (serving an upload): decode every frame, then pick; the frame count comes
-  from the frames themselves, whatever the container's header claims;
-- ``seek=True`` (training on files): take the count from the header, pick, and seek to the
-  keyframe before each target that lies far ahead instead of decoding the whole file.
+The video's packets are read first without decoding them (cheap): they give the frame count and
+where the keyframes are. Then only what the sampled frames need is decoded: from the keyframe
+before each one, seeking past the rest. Each frame is checked against the pixel limit before it is
+converted (libav refuses a larger picture before it allocates it), the frames decoded per call are
+bounded, and ``stop`` is asked between frames, so a decode whose request has ended stops at once.
+Training and serving read videos here alike.
 """
 
 from __future__ import annotations
 
+import bisect
 import io
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import simplejpeg
 
-from media.errors import BadInput, InputError, TooLarge, UnsupportedMedia
+from media.errors import BadInput, InputError, Stopped, TooLarge, UnsupportedMedia
 from media.spec import FrameFormat
 
 Pick = Callable[[int], Sequence[int] | np.ndarray]  # frame count -> the indices to keep, in order
-MAX_DECODED = 10_000  # frames one upload may decode
+Stop = Callable[[], bool]  # true once the work is no longer wanted
+MAX_DECODED = 10_000  # frames one call may decode
 
 
 def _av() -> Any:
@@ -32,57 +36,175 @@ def _av() -> Any:
     return av
 
 
+@dataclass
+class _Reader:
+    """One open video stream and what may be spent decoding it."""
+
+    container: Any
+    stream: Any
+    fmt: FrameFormat
+    max_pixels: int
+    max_decoded: int
+    stop: Stop | None
+    decoded: int = 0
+
+    def frames(self) -> Any:
+        """Decoded frames from the container's position, each checked and counted."""
+        for packet in self.container.demux(self.stream):
+            for frame in self._decoded(packet):
+                if self.stop is not None and self.stop():
+                    raise Stopped("the decode is no longer wanted")
+                self.decoded += 1
+                if self.decoded > self.max_decoded:
+                    raise TooLarge(f"the video needs more than {self.max_decoded} frames decoded")
+                self.check(frame.width, frame.height)
+                yield frame
+
+    def _decoded(self, packet: Any) -> list[Any]:
+        """``packet``'s frames. A decoder that refuses a picture past the limit (libav's max_pixels) says
+        so only as an error; the size it was given tells that from a corrupt packet."""
+        try:
+            return list(packet.decode())
+        except _av().error.FFmpegError:
+            self.check(self.stream.codec_context.width, self.stream.codec_context.height)
+            if self.stream.codec_context.name == "mjpeg" and packet.size:
+                height, width = simplejpeg.decode_jpeg_header(bytes(packet))[:2]
+                self.check(width, height)
+            raise
+
+    def check(self, width: int, height: int) -> None:
+        if width * height > self.max_pixels:
+            raise TooLarge(f"a video frame is {width}x{height}, more than {self.max_pixels} pixels")
+
+    def resized(self, frame: Any) -> np.ndarray:
+        fmt = self.fmt
+        return frame.reformat(
+            width=fmt.width, height=fmt.height, format="rgb24" if fmt.channels == 3 else "gray"
+        ).to_ndarray()
+
+
 def decode_video(
     source: bytes | Path,
     fmt: FrameFormat,
     pick: Pick,
     *,
     max_pixels: int = 1 << 31,
-    seek: bool = False,
     max_decoded: int = MAX_DECODED,
+    stop: Stop | None = None,
 ) -> np.ndarray:
     """The frames ``pick(frame count)`` chooses, uint8 (T, H, W, C) at ``fmt``'s size.
 
-    Raises ``BadInput`` for a file that does not decode, ``TooLarge`` past ``max_pixels`` per frame
-    or ``max_decoded`` frames, ``UnsupportedMedia`` without PyAV.
+    Raises ``BadInput`` for a file that does not decode, ``TooLarge`` past ``max_pixels`` in a frame or
+    ``max_decoded`` frames decoded, ``UnsupportedMedia`` without PyAV, ``Stopped`` once ``stop()`` is true.
     """
     av = _av()
     try:
-        with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source), mode="r") as container:
-            if not container.streams.video:
-                raise BadInput("the video has no video stream")
-            stream = container.streams.video[0]
-            w, h = stream.codec_context.width, stream.codec_context.height
-            if w * h > max_pixels:
-                raise TooLarge(f"video frames are {w}x{h}, more than {max_pixels} pixels")
-            if seek:
-                frames = _seek_frames(container, stream, fmt, pick)
-            else:
-                stream.thread_type = "AUTO"
-                frames = _scan_frames(container.decode(stream), fmt, pick, max_decoded)
-    except InputError:
+        with _open(av, source) as container:
+            pts, keyframes = _index(container, _stream(container, max_pixels))
+        if not pts:
+            raise BadInput("the video has no frames")
+        wanted = [int(i) for i in pick(len(pts))]
+        got = _decode(av, source, fmt, (pts, keyframes), sorted(set(wanted)), (max_pixels, max_decoded, stop))
+    except (InputError, Stopped):
         raise
     except (av.error.FFmpegError, OSError, ValueError, IndexError) as exc:
         raise BadInput(f"the video could not be decoded ({exc})") from exc
-    arr = np.stack(frames)
+    if not got:
+        raise BadInput("no frame of the video could be decoded")
+    last = got[max(got)]
+    arr = np.stack([got.get(i, last) for i in wanted])  # a tail that does not decode repeats the last frame
     return arr[..., None] if arr.ndim == 3 else arr
 
 
-def _resized(frame: Any, fmt: FrameFormat) -> np.ndarray:
-    return frame.reformat(
-        width=fmt.width, height=fmt.height, format="rgb24" if fmt.channels == 3 else "gray"
-    ).to_ndarray()
+def _open(av: Any, source: bytes | Path) -> Any:
+    return av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source), mode="r")
 
 
-def _scan_frames(decoded: Iterator[Any], fmt: FrameFormat, pick: Pick, max_decoded: int) -> list[np.ndarray]:
-    frames = []
-    for frame in decoded:
-        frames.append(_resized(frame, fmt))
-        if len(frames) > max_decoded:
-            raise TooLarge(f"the video has more than {max_decoded} frames")
-    if not frames:
-        raise BadInput("the video has no decodable frames")
-    return [frames[int(i)] for i in pick(len(frames))]
+def _stream(container: Any, max_pixels: int) -> Any:
+    """The first video stream, its header held to the pixel limit, and its decoder to the same limit."""
+    if not container.streams.video:
+        raise BadInput("the video has no video stream")
+    stream = container.streams.video[0]
+    w, h = stream.codec_context.width, stream.codec_context.height
+    if w * h > max_pixels:
+        raise TooLarge(f"video frames are {w}x{h}, more than {max_pixels} pixels")
+    # libav checks it before it allocates a picture (an int there)
+    stream.codec_context.options = {"max_pixels": str(min(max_pixels, 2**31 - 1))}
+    return stream
+
+
+def _index(container: Any, stream: Any) -> tuple[list[Any], list[int]]:
+    """(every frame's timestamp in presentation order, None where a packet has none; the keyframes'
+    timestamps), from the packets alone."""
+    pts: list[Any] = []
+    keyframes: list[int] = []
+    for packet in container.demux(stream):
+        if packet.size == 0:
+            continue  # the demuxer's flush packet
+        pts.append(packet.pts)
+        if packet.is_keyframe and packet.pts is not None:
+            keyframes.append(packet.pts)
+    if all(t is not None for t in pts):
+        pts.sort()
+    return pts, sorted(keyframes)
+
+
+def _decode(
+    av: Any,
+    source: bytes | Path,
+    fmt: FrameFormat,
+    index: tuple[list[Any], list[int]],
+    targets: list[int],
+    limits: tuple[int, int, Stop | None],
+) -> dict[int, np.ndarray]:
+    """The target frames: by seeking where every frame has a timestamp and the container seeks, else in
+    one pass from the start that keeps only the targets."""
+    pts, keyframes = index
+    if keyframes and all(t is not None for t in pts):
+        with _open(av, source) as container:
+            reader = _Reader(container, _stream(container, limits[0]), fmt, *limits)
+            try:
+                return _seek_frames(reader, pts, keyframes, targets)
+            except av.error.PermissionError:
+                pass  # a raw stream that cannot seek
+    with _open(av, source) as container:
+        reader = _Reader(container, _stream(container, limits[0]), fmt, *limits)
+        return _in_order(reader, targets)
+
+
+def _seek_frames(reader: _Reader, pts: list[int], keyframes: list[int], targets: list[int]) -> dict[int, np.ndarray]:
+    """Decode each target frame (index into ``pts``) from the keyframe before it, reusing a pass that
+    has not gone past it yet."""
+    got: dict[int, np.ndarray] = {}
+    frames, position = None, None  # the running pass, and the timestamp it last decoded
+    for target in targets:
+        want = pts[target]
+        keyframe = keyframes[max(bisect.bisect_right(keyframes, want) - 1, 0)]
+        if frames is None or position is None or position >= want or position < keyframe:
+            reader.container.seek(keyframe, stream=reader.stream, backward=True, any_frame=False)
+            frames = reader.frames()
+        for frame in frames:
+            if frame.pts is None:
+                continue
+            position = frame.pts
+            if position >= want:
+                got[target] = reader.resized(frame)
+                break
+        else:
+            frames = None  # the stream ended: the targets after this one repeat the last frame
+    return got
+
+
+def _in_order(reader: _Reader, targets: list[int]) -> dict[int, np.ndarray]:
+    """Decode from the start, keeping the target frames (by their place in presentation order)."""
+    got: dict[int, np.ndarray] = {}
+    wanted, last = set(targets), max(targets)
+    for i, frame in enumerate(reader.frames()):
+        if i in wanted:
+            got[i] = reader.resized(frame)
+        if i >= last:
+            break
+    return got
 
 
 def stream_length(container: Any) -> int:
@@ -102,33 +224,3 @@ def video_length(path: Path) -> int:
     """Frames in a video file's first video stream, from its header (0 when unknown)."""
     with _av().open(str(path)) as container:
         return stream_length(container)
-
-
-def _seek_frames(container: Any, stream: Any, fmt: FrameFormat, pick: Pick) -> list[np.ndarray]:
-    """Decode only the picked frames: a target more than two seconds ahead is reached by seeking to
-    the keyframe before it; a truncated tail repeats the last frame decoded."""
-    rate = stream.average_rate or stream.guessed_rate
-    if rate is None or stream.time_base is None:
-        raise BadInput("the video has no frame rate or time base")
-    length = stream_length(container)
-    if length <= 0:
-        raise BadInput("the video has no frames")
-    wanted = [int(t) for t in pick(length)]
-    start = stream.start_time or 0
-    per_frame = 1 / (rate * stream.time_base)  # pts units per frame
-    got: dict[int, np.ndarray] = {}
-    position = -1  # the last decoded frame; decoding starts at the beginning
-    frames = container.decode(stream)
-    for target in sorted(set(wanted)):
-        if target - position > 2 * float(rate):  # far ahead: seek to the keyframe before it
-            container.seek(int(start + target * per_frame), stream=stream, backward=True, any_frame=False)
-            frames = container.decode(stream)
-        for frame in frames:
-            position = round((frame.pts - start) / per_frame) if frame.pts is not None else position + 1
-            if position >= target:
-                got[target] = _resized(frame, fmt)
-                break
-    if not got:
-        raise BadInput("no frame of the video could be decoded")
-    last = got[max(got)]
-    return [got.get(t, last) for t in wanted]

@@ -203,7 +203,7 @@ def to_clip(frames: np.ndarray) -> np.ndarray:
 def read_video(path: Path, pick: Callable[[int], np.ndarray], fmt: FrameFormat) -> np.ndarray:
     """Decode the frames ``pick(length)`` chooses -> uint8 (T, C, H, W), seeking to far targets."""
     try:
-        return to_clip(decode_video(path, fmt, pick, seek=True))
+        return to_clip(decode_video(path, fmt, pick))
     except InputError as exc:
         raise UnreadableClip(f"{path}: {exc}") from exc
 

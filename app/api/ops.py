@@ -24,7 +24,7 @@ async def root(service: ServiceDep) -> dict[str, Any]:
     return {
         "name": "fusionserve",
         "version": __version__,
-        "ready": service.ready and not service.draining,
+        "ready": service.accepting,
         "models": sorted(service.models),
         "default_model": service.default_model,
         "docs": "/docs",

@@ -47,11 +47,11 @@ async def live() -> dict[str, bool]:
 
 @health.get(
     "/health/ready",
-    summary="Readiness: every model loaded and warmed, not shutting down",
+    summary="Readiness: every model loaded and warmed, not shutting down, uploads not at their limit",
     responses={503: {"description": "not ready"}},
 )
 async def ready(service: ServiceDep) -> JSONResponse:
-    ok = service.ready and not service.draining
+    ok = service.accepting
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
@@ -85,7 +85,7 @@ async def model_version_metadata(name: str, version: str, service: ServiceDep) -
 
 
 def readiness(service: Service, served: ServedModel) -> JSONResponse:
-    ok = service.ready and not service.draining
+    ok = service.accepting
     return JSONResponse({"name": served.name, "ready": ok}, status_code=200 if ok else 503)
 
 

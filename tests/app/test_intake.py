@@ -16,7 +16,7 @@ from concurrent.futures import CancelledError
 
 import pytest
 
-from app.errors import BadInput, ClientGone, Overloaded, TimedOut
+from app.errors import BadInput, ClientGone, DecoderFailed, Overloaded, TimedOut
 from tests.app.harness import FakeModel, Harness, clip, pixels, until
 
 
@@ -216,3 +216,17 @@ def test_an_answered_request_leaves_no_cycle_holding_its_clip() -> None:
         asyncio.run(main())
     finally:
         gc.enable()
+
+
+def test_a_decode_stopped_while_its_request_goes_on_answers_503_not_silence() -> None:
+    async def main() -> None:
+        h = Harness(FakeModel().run)
+        waiting = asyncio.ensure_future(h.classify())
+        await until(lambda: len(h.decoders.jobs) == 1)
+        await asyncio.to_thread(h.decoders.finish, 0, CancelledError())  # stopped, though nobody withdrew it
+        with pytest.raises(DecoderFailed, match="stopped"):
+            await asyncio.wait_for(waiting, 5)
+        assert h.drops == []
+        await h.close()
+
+    asyncio.run(main())

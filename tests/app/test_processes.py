@@ -105,3 +105,23 @@ def test_a_job_after_shutdown_is_refused_as_not_ready() -> None:
     pool.shutdown()
     with pytest.raises(NotReady):
         pool.submit(Outcomes(1), image_frames, [b""], LIMITS)
+
+
+def test_a_cancel_flag_is_set_only_while_its_job_holds_the_slot() -> None:
+    import multiprocessing
+
+    from app.processes import CancelFlags
+
+    flags = CancelFlags(multiprocessing.get_context("spawn"), slots=1)
+    first = flags.take()
+    assert first is not None and flags.take() is None  # one slot: the second job cannot be stopped early
+    flags.set(first)
+    assert flags.array[first[0]] == 1
+    flags.give_back(first)
+    assert flags.array[first[0]] == 0
+    second = flags.take()
+    assert second is not None and second[0] == first[0]
+    flags.set(first)  # the first job's request ends after its job did: the slot is another's now
+    assert flags.array[second[0]] == 0
+    flags.give_back(first)  # nor can it give the slot back twice
+    assert flags.take() is None

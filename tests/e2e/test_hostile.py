@@ -141,3 +141,171 @@ def test_a_large_json_body_is_parsed_off_the_event_loop_and_bounded(default_ckpt
         )
         assert r.status_code == 200 and r.json()["frames"] == 3
         assert rss_mb(proc.pid) - before < 400  # one parse at a time per decode thread, each bounded
+
+
+def mjpeg_video(frames: list[bytes]) -> bytes:
+    from tests.media.test_video import mjpeg
+
+    return mjpeg(frames)
+
+
+def test_video_frames_past_the_pixel_limit_are_refused_at_the_first_and_memory_stays_bounded(
+    default_ckpt: Path,
+) -> None:
+    from tests.media.test_video import h264, jpeg, numbered
+
+    with spawn_server("--max-batch-size", "2", "--max-pixels", str(1024 * 1024)) as (proc, url):
+        before = rss_mb(proc.pid)
+        video = mjpeg_video([jpeg(16, 16)] + [jpeg(3000, 3000)] * 20)  # a small header, then 9 M-pixel frames
+        r = httpx.post(f"{url}/predict", files={"video": ("v.avi", video, "video/x-msvideo")}, timeout=60)
+        assert r.status_code == 413 and "more than 1048576 pixels" in r.json()["error"]["message"], r.text
+        grown = h264(numbered(4, (64, 64))) + h264(numbered(2, (1024, 1032)))  # H.264 that grows mid-stream
+        r = httpx.post(f"{url}/predict", files={"video": ("v.h264", grown, "video/h264")}, timeout=60)
+        assert r.status_code == 413, r.text
+        served_normally(url)
+        assert rss_mb(proc.pid) - before < 100  # no frame past the limit was converted
+
+
+def test_a_video_that_needs_more_frames_decoded_than_the_bound_is_refused(default_ckpt: Path, tmp_path: Path) -> None:
+    from tests.media.test_video import numbered
+    from tests.support.media import write_video
+
+    video = write_video(tmp_path / "long.mp4", numbered(240), fps=10).read_bytes()  # a keyframe every 4 frames
+    with live_server(checkpoint=default_ckpt, max_batch_size=2, max_decoded_frames=40) as url:
+        files = {"video": ("long.mp4", video, "video/mp4")}
+        r = httpx.post(f"{url}/predict", files=files, params={"frames": 8})  # 8 targets: at most 32 decoded
+        assert r.status_code == 200 and r.json()["frames"] == 8, r.text
+        r = httpx.post(f"{url}/predict", files=files, params={"frames": 60})  # about 2 decoded per target
+        assert r.status_code == 413 and "more than 40 frames decoded" in r.json()["error"]["message"], r.text
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes, from /proc."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / 100
+
+
+def heavy_pngs(count: int, side: int = 1600) -> list[bytes]:
+    """Large PNG frames: each takes tens of milliseconds to decode, whatever the model's size."""
+    y, x = np.mgrid[0:side, 0:side]
+    picture = np.stack([(x * 7 + y * 3) % 256, (x * y) % 256, (x ^ y) % 256], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(picture).save(buf, "PNG")
+    return [buf.getvalue()] * count
+
+
+@pytest.mark.parametrize("processes", [0, 2], ids=["decode-threads", "decode-processes"])
+def test_a_decode_whose_request_timed_out_stops_within_a_second(default_ckpt: Path, processes: int) -> None:
+    from tests.e2e.test_decoding import decode_process_pids
+
+    flags = ("--max-batch-size", "2", "--decode-timeout-s", "0.4", "--decode-processes", str(processes))
+    with spawn_server(*flags, "--max-frames", "200", "--max-upload-mb", "64") as (proc, url):
+        pids = [proc.pid, *decode_process_pids(proc.pid)]
+        body = multipart_frames(heavy_pngs(120), "png")  # about 4 s of decoding on one thread
+        started = time.monotonic()
+        r = httpx.post(f"{url}/predict", files=body, timeout=60)
+        assert r.status_code == 504 and "not decoded within 0.4 s" in r.json()["error"]["message"], r.text
+        assert time.monotonic() - started < 3
+        time.sleep(1.0)  # the decode notices at its next frame
+        busy = cpu_seconds(pids)
+        time.sleep(1.0)
+        assert cpu_seconds(pids) - busy < 0.3  # nothing decodes on: the work stopped
+        served_normally(url)
+
+
+class SlowVideos:
+    """Video decoding that takes as long as the test wants: it runs until released or stopped, asking
+    its ``stop`` between 10-ms "frames" as the real decoder does between frames."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.stopped: list[float] = []  # when each noticed its stop
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, data: bytes, fmt, pick, *, max_pixels, max_decoded, stop):  # type: ignore[no-untyped-def]
+        from media import Stopped
+
+        with self._lock:
+            self.running += 1
+        try:
+            while not self.release.wait(0.01):
+                if stop is not None and stop():
+                    self.stopped.append(time.monotonic())
+                    raise Stopped("no longer wanted")
+            return np.zeros((len(pick(16)), fmt.height, fmt.width, fmt.channels), np.uint8)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def test_videos_leave_images_a_decode_thread_and_stop_when_their_clients_leave(
+    default_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.uploads
+    from tests.support.media import write_mp4
+
+    slow = SlowVideos()
+    monkeypatch.setattr(app.uploads, "decode_video", slow)
+    video = write_mp4(synth_clip(frames=8))
+    with live_server(checkpoint=default_ckpt, max_batch_size=2, decode_workers=2) as url:
+        left: list[float] = []
+
+        def impatient() -> None:  # gives up on its answer after a second and leaves
+            try:
+                httpx.post(f"{url}/predict", files={"video": ("v.mp4", video, "video/mp4")}, timeout=1.0)
+            except httpx.TimeoutException:
+                left.append(time.monotonic())
+
+        clients = [threading.Thread(target=impatient) for _ in range(3)]
+        for c in clients:
+            c.start()
+        time.sleep(0.3)
+        assert slow.running == 1  # one video decodes; the others wait in line, holding no thread
+        for _ in range(3):  # images still have a decode thread
+            started = time.monotonic()
+            served_normally(url)
+            assert time.monotonic() - started < 1.0
+        for c in clients:
+            c.join()
+        deadline = time.monotonic() + 5
+        while slow.running and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert slow.running == 0 and len(left) == 3
+        # each decode that had started stopped within a second of its client leaving (one that had not
+        # started by then never starts); none of the three reached the model
+        assert slow.stopped and max(slow.stopped) - max(left) < 1.0
+        text = httpx.get(f"{url}/metrics").text
+        assert metric_value(text, "fusionserve_dropped_clips_total", reason="undecoded") == 3
+
+
+def test_readiness_says_not_ready_while_the_uploads_waiting_to_be_decoded_are_at_their_limit(
+    default_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.uploads
+    from tests.support.media import write_mp4
+
+    slow = SlowVideos()
+    monkeypatch.setattr(app.uploads, "decode_video", slow)
+    video = {"video": ("v.mp4", write_mp4(synth_clip(frames=8)), "video/mp4")}
+    with live_server(checkpoint=default_ckpt, max_batch_size=2, max_queue=2) as url:
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+        posts = [threading.Thread(target=httpx.post, args=(f"{url}/predict",), kwargs={"files": video, "timeout": 30})]
+        posts.append(
+            threading.Thread(target=httpx.post, args=(f"{url}/predict",), kwargs={"files": video, "timeout": 30})
+        )
+        for p in posts:
+            p.start()
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{url}/v2/health/ready").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        r = httpx.get(f"{url}/v2/health/ready")
+        assert r.status_code == 503 and r.json() == {"ready": False}
+        assert httpx.post(f"{url}/predict", files=video).status_code == 503  # what readiness warned of
+        slow.release.set()
+        for p in posts:
+            p.join()
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 200

@@ -26,6 +26,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (decoded at a reduced scale, then resized), 12 PNG frames of 45x45, and a 200-frame MP4 at 4 fps that
     the dataset reaches by seeking and the server by decoding every frame."""
     root = tmp_path_factory.mktemp("pixels")
+    # a val split of its own: without one, training holds out a seeded tenth of train, by path
+    write_frames(root / "val" / "a" / "held", np.stack([picture(32, 32, seed=99)] * 2), "png")
     write_frames(root / "train" / "a" / "jpeg", np.stack([picture(100, 130, seed=i) for i in range(16)]), "jpg")
     write_frames(root / "train" / "a" / "png", np.stack([picture(45, 45, seed=i) for i in range(12)]), "png")
     frames = np.stack([np.clip(picture(48, 64, seed=i % 7) // 2 + i, 0, 255).astype(np.uint8) for i in range(200)])
