@@ -20,6 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
+from app.api.connections import guard
 from app.main import create_app
 from app.settings import GROUPS, Settings
 
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     config.load()  # resolves "auto" to the parser uvicorn will use (the lifespan logs the event loop)
     log.info("HTTP parser: %s", config.http_protocol_class.__name__)
+    guard(config, settings)  # connection, header and body limits (app.api.connections)
     server = DrainingServer(config, app, settings.drain_s)
     try:
         server.run()

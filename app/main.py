@@ -16,7 +16,8 @@ from fastapi import FastAPI
 from app import __version__
 from app.api import ops, predict, v2
 from app.api.errors import install_handlers
-from app.api.middleware import BodyDecoding, BodyLimit, BodyLimits, RequestMetrics
+from app.api.middleware import BodyDecoding, BodyLimit, BodyLimits, Inflight, RequestMetrics
+from app.budget import MemoryBudget, memory_limit
 from app.loading import load
 from app.metrics import Metrics
 from app.service import Service
@@ -30,12 +31,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     tune_malloc()  # before the first large allocation (host.malloc)
     metrics = Metrics()
+    inflight_mb = settings.max_inflight_mb or memory_limit() / 4 / (1 << 20)
+    budget = MemoryBudget(int(inflight_mb * (1 << 20)))
+    metrics.inflight_bytes.set_function(lambda: budget.used)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("event loop: %s", type(asyncio.get_running_loop()).__module__.split(".")[0])  # uvloop or asyncio
         loaded = await asyncio.to_thread(load, settings, metrics)
-        service = Service(settings, metrics, loaded)
+        service = Service(settings, metrics, loaded, budget)
         app.state.service = service
         service.ready = True
         metrics.ready.set(1)
@@ -55,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_handlers(app)
     limits = BodyLimits(upload=settings.max_upload_bytes, json=int(settings.max_json_mb * 1024 * 1024))
+    app.add_middleware(Inflight, budget=budget)  # inside the inflating: it counts the bytes the app holds
     app.add_middleware(BodyDecoding, limits=limits)  # inside the limit on the wire's bytes
     app.add_middleware(BodyLimit, limits=limits)
     app.add_middleware(RequestMetrics, metrics=metrics)

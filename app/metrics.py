@@ -62,6 +62,9 @@ class Metrics:
             ["state"],
             registry=r,
         )
+        self.inflight_bytes = Gauge(
+            "fusionserve_inflight_bytes", "request body bytes in flight, against MAX_INFLIGHT_MB", registry=r
+        )
         self.decoder_restarts = Gauge(
             "fusionserve_decoder_restarts",
             "times the decode processes were replaced after one died (DECODE_PROCESSES)",

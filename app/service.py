@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from app.budget import MemoryBudget
 from app.errors import NotFound, NotReady
 from app.intake import Intake
 from app.loading import Loaded
@@ -21,6 +22,7 @@ class Service:
     settings: Settings
     metrics: Metrics
     loaded: Loaded
+    budget: MemoryBudget
     intake: Intake = field(init=False)
     ready: bool = False
     draining: bool = False
@@ -44,8 +46,8 @@ class Service:
 
     @property
     def accepting(self) -> bool:
-        """Ready for work: loaded, not shutting down, and able to take an upload (readiness says so)."""
-        return self.ready and not self.draining and not self.intake.saturated()
+        """Ready for work: loaded, not shutting down, able to take an upload and its body (readiness)."""
+        return self.ready and not self.draining and not self.intake.saturated() and not self.budget.nearly_spent
 
     def check_accepting(self) -> None:
         if self.draining:

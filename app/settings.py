@@ -84,6 +84,9 @@ class MemorySettings(BaseModel):
     memory_trim_s: float = Field(
         10.0, ge=0, description="hand free heap memory back at most this often (CPU); 0: never"
     )
+    max_inflight_mb: float | None = Field(
+        None, gt=0, description="request bodies in flight, server-wide, before 503; default: a quarter of memory"
+    )
 
 
 class HttpSettings(BaseModel):
@@ -92,6 +95,11 @@ class HttpSettings(BaseModel):
     max_upload_mb: float = Field(32.0, gt=0, description="largest request body, on the wire and inflated")
     max_json_mb: float = Field(4.0, gt=0, description="largest JSON body (parsed, JSON takes up to about 25x its size)")
     keep_alive_s: int = Field(75, ge=1, description="seconds an idle keep-alive connection stays open")
+    max_connections: int = Field(1000, ge=1, description="open connections; past them a new one gets 503")
+    max_header_kb: float = Field(64.0, gt=0, description="largest request head (request line and headers)")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must arrive within this")
+    body_timeout_s: float = Field(60.0, gt=0, description="a request's body must arrive within this")
+    body_min_kbps: float = Field(8.0, ge=0, description="a body arriving slower than this (after 5 s) is cut off")
     loop: Literal["auto", "asyncio", "uvloop"] = Field("auto", description="uvicorn's event loop")
     http: Literal["auto", "h11", "httptools"] = Field("auto", description="uvicorn's HTTP/1.1 parser")
     drain_s: float = Field(0.0, ge=0, description="after SIGTERM, seconds of 503 on readiness before closing")

@@ -9,7 +9,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import BadInput, TooLarge, UnsupportedMedia
+from app.budget import MemoryBudget
+from app.errors import BadInput, Overloaded, TooLarge, UnsupportedMedia
 
 
 def header(scope: Scope, name: bytes) -> bytes:
@@ -110,6 +111,48 @@ class BodyDecoding:
             return {**message, "body": body}
 
         await self.app(scope, decoded, send)
+
+
+class Inflight:
+    """Reserve each request body's bytes against the server's ``MemoryBudget`` until its answer is
+    sent: the declared length before any of it is read, else (chunked or inflated bodies) as it
+    arrives. A body that does not fit gets 503 (``Overloaded``, with Retry-After) at its first read.
+    JSON counts ``json_factor`` times: parsed, it takes up to that much more memory."""
+
+    def __init__(self, app: ASGIApp, budget: MemoryBudget, json_factor: int = 25) -> None:
+        self.app, self.budget, self.json_factor = app, budget, json_factor
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        kind = header(scope, b"content-type").split(b";", 1)[0].strip().lower()
+        factor = self.json_factor if kind == b"application/json" else 1
+        declared = header(scope, b"content-length")
+        held, refused, counted = 0, False, declared.isdigit()
+        if counted:
+            cost = int(declared) * factor
+            refused = not self.budget.reserve(cost)
+            held = 0 if refused else cost
+
+        async def reserved() -> Message:
+            nonlocal held
+            if refused:
+                raise Overloaded(
+                    f"the server holds {self.budget.used >> 20} MB of requests in flight; this one does not fit"
+                )
+            message = await receive()
+            if not counted and message["type"] == "http.request":
+                size = len(message.get("body", b"")) * factor
+                if not self.budget.reserve(size):
+                    raise Overloaded(f"the server holds {self.budget.used >> 20} MB of requests in flight")
+                held += size
+            return message
+
+        try:
+            await self.app(scope, reserved, send)
+        finally:
+            self.budget.release(held)
 
 
 class RequestMetrics:

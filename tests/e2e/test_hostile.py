@@ -4,6 +4,7 @@ stays bounded, and a normal client is served meanwhile."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -309,3 +310,128 @@ def test_readiness_says_not_ready_while_the_uploads_waiting_to_be_decoded_are_at
         for p in posts:
             p.join()
         assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+
+
+def read_all(sock: socket.socket, timeout: float) -> bytes:
+    """What the server sends until it closes the connection; raises if it does not within ``timeout``."""
+    sock.settimeout(timeout)
+    got = b""
+    try:
+        while chunk := sock.recv(65536):
+            got += chunk
+    except ConnectionResetError:
+        pass  # closed with data of ours still unread on its side
+    return got
+
+
+@pytest.fixture(scope="module")
+def strict(default_ckpt: Path):  # type: ignore[no-untyped-def]
+    """A server with short connection limits, as a subprocess (its RSS is its own)."""
+    flags = ("--max-batch-size", "2", "--header-timeout-s", "1", "--body-timeout-s", "2", "--max-connections", "40")
+    with spawn_server(*flags) as (proc, url):
+        yield proc, url, int(url.rsplit(":", 1)[1])
+
+
+def test_headers_past_their_limit_get_431_and_memory_stays_bounded(strict) -> None:  # type: ignore[no-untyped-def]
+    proc, url, port = strict
+    before = rss_mb(proc.pid)
+    answers = []
+    for _ in range(30):  # unfinished 1 MB headers, each sent in 64 KB writes
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Big: ")
+            try:
+                for _ in range(16):
+                    s.sendall(b"a" * 65536)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused and closed while it was still sending
+            answers.append(read_all(s, 5))
+    assert all(a.startswith(b"HTTP/1.1 431 ") or a == b"" for a in answers) and answers[0].startswith(b"HTTP/1.1 431")
+    assert rss_mb(proc.pid) - before < 50
+    served_normally(url)
+
+
+def test_silent_and_slow_connections_are_closed_after_the_header_timeout(strict) -> None:  # type: ignore[no-untyped-def]
+    _, url, port = strict
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
+    slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
+    started = time.monotonic()
+    for tick in range(6):  # slowloris: a header byte every 0.3 s, for longer than HEADER_TIMEOUT_S (1 s)
+        for s in slow:
+            with contextlib.suppress(OSError):  # the server may have closed it already
+                s.sendall(b"G")
+        time.sleep(0.3)
+        if tick == 2:
+            served_normally(url)
+    answers = [read_all(s, 3) for s in silent + slow]  # each closed by the server, not left open
+    assert time.monotonic() - started < 6
+    assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers[:10]), answers[:3]  # silent: told why
+    # slow: closed too (its 408 may be lost to the reset our next byte causes)
+    for s in silent + slow:
+        s.close()
+
+
+def test_a_body_sent_too_slowly_is_cut_off_with_408(strict) -> None:  # type: ignore[no-untyped-def]
+    _, url, port = strict
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=a\r\n")
+        s.sendall(b"Content-Length: 10000000\r\n\r\n")
+        started = time.monotonic()
+        try:
+            for _ in range(8):  # 1 KB a second
+                s.sendall(b"x" * 1024)
+                time.sleep(0.5)
+        except OSError:
+            pass
+        answer = read_all(s, 5)
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"request body too slow" in answer, answer[:200]
+    assert time.monotonic() - started < 4  # BODY_TIMEOUT_S is 2 here
+    served_normally(url)
+
+
+def test_connections_past_the_cap_get_503_at_once(strict) -> None:  # type: ignore[no-untyped-def]
+    _, url, port = strict
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+    try:
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", port)) as extra:
+            started = time.monotonic()
+            answer = read_all(extra, 3)
+        assert answer.startswith(b"HTTP/1.1 503 ") and time.monotonic() - started < 1, answer[:100]
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.2)
+    served_normally(url)  # the cap frees as connections close
+
+
+def test_bodies_in_flight_are_held_to_one_server_wide_budget(default_ckpt: Path) -> None:
+    flags = ("--max-batch-size", "2", "--max-inflight-mb", "100", "--max-connections", "200")
+    with spawn_server(*flags) as (proc, url):
+        port, before = int(url.rsplit(":", 1)[1]), rss_mb(proc.pid)
+        head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=a\r\n"
+        held, refused = [], 0
+        for _ in range(40):  # each declares 31 MB and sends 4 MB of it, then waits
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(head + b"Content-Length: 32505856\r\n\r\n")
+            with contextlib.suppress(OSError):
+                s.sendall(b"x" * (4 << 20))
+            s.settimeout(0.5)
+            try:
+                answer = s.recv(4096)
+            except TimeoutError:
+                held.append(s)  # reserved: its body is being read
+                continue
+            assert answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in answer.lower(), answer[:300]
+            refused += 1
+            s.close()
+        assert len(held) == 3 and refused == 37  # 3 x 31 MB fit in 100 MB; the rest before their bodies
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 503  # nearly spent: route elsewhere
+        assert rss_mb(proc.pid) - before < 150
+        for s in held:
+            s.close()
+        time.sleep(0.3)
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+        served_normally(url)
+        big_json = b'{"frames": ["' + b"A" * (3 << 20) + b'"]}'  # 3 MB of JSON counts 75 MB: it fits alone
+        r = httpx.post(f"{url}/predict", content=big_json, headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 400, r.text  # refused by its content, not by the budget

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import uvicorn
 
+from app.api.connections import guard
 from app.main import create_app
 from app.settings import Settings
 
@@ -24,8 +25,11 @@ from app.settings import Settings
 @contextlib.contextmanager
 def live_server(**settings: Any) -> Iterator[str]:
     """Serve ``create_app(Settings(**settings))`` with uvicorn on a free port; yields the base URL."""
-    app = create_app(Settings(port=0, **settings))
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False)
+    chosen = Settings(port=0, **settings)
+    app = create_app(chosen)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, http=chosen.http)
+    config.load()
+    guard(config, chosen)  # as python -m app runs it
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
