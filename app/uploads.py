@@ -118,7 +118,13 @@ def video_frames(data: bytes, target: Target, frames: int | None = None, stop: S
     pick = partial(sample_indices, frames=wanted)
     limits = target.limits
     return decode_video(
-        data, target.format, pick, max_pixels=limits.max_pixels, max_decoded=limits.max_decoded, stop=stop
+        data,
+        target.format,
+        pick,
+        max_pixels=limits.max_pixels,
+        max_decoded=limits.max_decoded,
+        stop=stop,
+        threads=True,  # the codec's own threads, as a lone upload's decode is otherwise one core's
     )
 
 

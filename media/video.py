@@ -91,8 +91,10 @@ def decode_video(
     max_pixels: int = 1 << 31,
     max_decoded: int = MAX_DECODED,
     stop: Stop | None = None,
+    threads: bool = False,
 ) -> np.ndarray:
-    """The frames ``pick(frame count)`` chooses, uint8 (T, H, W, C) at ``fmt``'s size.
+    """The frames ``pick(frame count)`` chooses, uint8 (T, H, W, C) at ``fmt``'s size; ``threads``: the
+    codec decodes on threads of its own (serving; training's loader workers run in parallel already).
 
     Raises ``BadInput`` for a file that does not decode, ``TooLarge`` past ``max_pixels`` in a frame or
     ``max_decoded`` frames decoded, ``UnsupportedMedia`` without PyAV, ``Stopped`` once ``stop()`` is true.
@@ -100,11 +102,14 @@ def decode_video(
     av = _av()
     try:
         with _open(av, source) as container:
-            pts, keyframes = _index(container, _stream(container, max_pixels))
-        if not pts:
-            raise BadInput("the video has no frames")
-        wanted = [int(i) for i in pick(len(pts))]
-        got = _decode(av, source, fmt, (pts, keyframes), sorted(set(wanted)), (max_pixels, max_decoded, stop))
+            reader = _Reader(container, _stream(container, max_pixels), fmt, max_pixels, max_decoded, stop)
+            if threads:
+                reader.stream.thread_type = "AUTO"
+            pts, keyframes = _index(container, reader.stream)
+            if not pts:
+                raise BadInput("the video has no frames")
+            wanted = [int(i) for i in pick(len(pts))]
+            got = _decode(av, source, reader, (pts, keyframes), sorted(set(wanted)))
     except (InputError, Stopped):
         raise
     except (av.error.FFmpegError, OSError, ValueError, IndexError) as exc:
@@ -150,37 +155,33 @@ def _index(container: Any, stream: Any) -> tuple[list[Any], list[int]]:
 
 
 def _decode(
-    av: Any,
-    source: bytes | Path,
-    fmt: FrameFormat,
-    index: tuple[list[Any], list[int]],
-    targets: list[int],
-    limits: tuple[int, int, Stop | None],
+    av: Any, source: bytes | Path, reader: _Reader, index: tuple[list[Any], list[int]], targets: list[int]
 ) -> dict[int, np.ndarray]:
-    """The target frames: by seeking where every frame has a timestamp and the container seeks, else in
-    one pass from the start that keeps only the targets."""
+    """The target frames, back from the start of the stream: seeking past what they do not need where
+    every frame has a timestamp, else in one pass that keeps only the targets. A stream that cannot
+    seek (a raw one) is opened again to read it from the start."""
     pts, keyframes = index
-    if keyframes and all(t is not None for t in pts):
+    try:
+        reader.container.seek(keyframes[0] if keyframes else 0, stream=reader.stream, backward=True, any_frame=False)
+    except av.error.PermissionError:
         with _open(av, source) as container:
-            reader = _Reader(container, _stream(container, limits[0]), fmt, *limits)
-            try:
-                return _seek_frames(reader, pts, keyframes, targets)
-            except av.error.PermissionError:
-                pass  # a raw stream that cannot seek
-    with _open(av, source) as container:
-        reader = _Reader(container, _stream(container, limits[0]), fmt, *limits)
-        return _in_order(reader, targets)
+            again = _Reader(container, _stream(container, reader.max_pixels), reader.fmt, reader.max_pixels,
+                            reader.max_decoded, reader.stop)  # fmt: skip
+            return _in_order(again, targets)
+    if keyframes and all(t is not None for t in pts):
+        return _seek_frames(reader, pts, keyframes, targets)
+    return _in_order(reader, targets)
 
 
 def _seek_frames(reader: _Reader, pts: list[int], keyframes: list[int], targets: list[int]) -> dict[int, np.ndarray]:
-    """Decode each target frame (index into ``pts``) from the keyframe before it, reusing a pass that
-    has not gone past it yet."""
+    """Decode each target frame (index into ``pts``) from the stream's start or its last position,
+    seeking to the keyframe before a target only where a keyframe lies between the two."""
     got: dict[int, np.ndarray] = {}
-    frames, position = None, None  # the running pass, and the timestamp it last decoded
+    frames, position = reader.frames(), pts[0] - 1  # decoding from the start, nothing decoded yet
     for target in targets:
         want = pts[target]
         keyframe = keyframes[max(bisect.bisect_right(keyframes, want) - 1, 0)]
-        if frames is None or position is None or position >= want or position < keyframe:
+        if frames is None or position >= want or bisect.bisect_right(pts, position) < bisect.bisect_left(pts, keyframe):
             reader.container.seek(keyframe, stream=reader.stream, backward=True, any_frame=False)
             frames = reader.frames()
         for frame in frames:

@@ -227,7 +227,7 @@ class SlowVideos:
         self.release = threading.Event()
         self._lock = threading.Lock()
 
-    def __call__(self, data: bytes, fmt, pick, *, max_pixels, max_decoded, stop):  # type: ignore[no-untyped-def]
+    def __call__(self, data: bytes, fmt, pick, *, max_pixels, max_decoded, stop, threads=False):  # type: ignore[no-untyped-def]
         from media import Stopped
 
         with self._lock:
