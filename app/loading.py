@@ -22,6 +22,7 @@ from app.metrics import Metrics
 from app.runtime import ModelRuntime, pick_precision
 from app.served import ServedModel
 from app.settings import Settings
+from app.streams import Stepper
 from app.threads import STARTUP_THREADS, CpuThreads
 from app.uploads import Target
 from host.device import pick_device
@@ -41,7 +42,10 @@ class Loaded:
     release: HeapRelease  # hands free heap memory back (CPU)
 
     def close(self) -> None:
-        """After the batchers have answered everything: stop the decoders, the heap's thread, the lane."""
+        """After the batchers have answered everything: stop the steppers, the decoders, the heap's thread,
+        the lane."""
+        for served in self.models.values():
+            served.stepper.close()
         self.decoders.shutdown()
         self.release.close()
         self.threads.close()
@@ -83,6 +87,7 @@ def load(settings: Settings, metrics: Metrics) -> Loaded:
     decoders = start_decoders(s, device, metrics)
     for served in models.values():
         served.batcher.start()
+        served.stepper.start()
     return Loaded(models, s.default_model or next(iter(models)), decoders, threads, release)
 
 
@@ -141,7 +146,9 @@ def serve(runtime: ModelRuntime, s: Settings, metrics: Metrics, release: HeapRel
     ).set(1)
     metrics.queue_depth.labels(name).set_function(partial(getattr, batcher, "depth"))
     limits = Limits(max_frames=s.max_frames, max_pixels=s.max_pixels, max_decoded=s.max_decoded_frames)
-    return ServedModel(runtime, batcher, Target(FrameFormat.of(runtime.spec), runtime.spec.frames, limits), tuning)
+    stepper = Stepper(runtime, s.stream_max_batch, on_batch=metrics.step_observer(name))
+    target = Target(FrameFormat.of(runtime.spec), runtime.spec.frames, limits)
+    return ServedModel(runtime, batcher, target, stepper, tuning)
 
 
 def batch_limits(runtime: ModelRuntime, s: Settings) -> tuple[int, int, dict[str, Any] | None]:

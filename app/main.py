@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import ops, predict, v2
+from app.api import ops, predict, streams, v2
 from app.api.errors import install_handlers
 from app.api.middleware import BodyDecoding, BodyLimit, BodyLimits, Inflight, RequestMetrics
 from app.budget import MemoryBudget, memory_limit
@@ -41,8 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loaded = await asyncio.to_thread(load, settings, metrics)
         service = Service(settings, metrics, loaded, budget)
         app.state.service = service
-        service.ready = True
-        metrics.ready.set(1)
+        service.start()
         log.info("ready: %s (default %s)", ", ".join(service.models), service.default_model)
         try:
             yield
@@ -63,6 +62,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyDecoding, limits=limits)  # inside the limit on the wire's bytes
     app.add_middleware(BodyLimit, limits=limits)
     app.add_middleware(RequestMetrics, metrics=metrics)
-    for router in (predict.router, v2.health, v2.router, ops.router):
+    for router in (predict.router, streams.router, v2.health, v2.router, ops.router):
         app.include_router(router)
     return app

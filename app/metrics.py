@@ -28,6 +28,7 @@ class Metrics:
             "fusionserve_decode_seconds", "decoding one request's clip", ["kind"], buckets=LATENCY_BUCKETS, registry=r
         )
         self._batching(r)
+        self._streams(r)
         self._process(r)
 
     def _batching(self, r: CollectorRegistry) -> None:
@@ -47,6 +48,47 @@ class Metrics:
         self.model_info = Gauge(
             "fusionserve_model_info", "loaded models (value 1)", ["model", "version", "device", "head"], registry=r
         )
+
+    def _streams(self, r: CollectorRegistry) -> None:
+        self.streams_open = Gauge(
+            "fusionserve_streams_open", "open WebSocket streams and KServe sequences", ["kind"], registry=r
+        )
+        self.stream_frames = Counter("fusionserve_stream_frames", "stream frames stepped", ["model"], registry=r)
+        self.step_batch_size = Histogram(
+            "fusionserve_step_batch_size",
+            "frames (one per stream) per step batch",
+            ["model"],
+            buckets=SIZE_BUCKETS,
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "fusionserve_step_seconds",
+            "one step batch: encoder and head",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stream_frame_seconds = Histogram(
+            "fusionserve_stream_frame_seconds",
+            "a stream frame from received to answered",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def step_observer(self, model: str) -> Callable[[int, float], None]:
+        frames, size, seconds = (
+            self.stream_frames.labels(model),
+            self.step_batch_size.labels(model),
+            self.step_seconds.labels(model),
+        )
+
+        def observe(batch: int, took: float) -> None:
+            frames.inc(batch)
+            size.observe(batch)
+            seconds.observe(took)
+
+        return observe
 
     def _process(self, r: CollectorRegistry) -> None:
         self.ready = Gauge("fusionserve_ready", "1 when every model is loaded and warmed", registry=r)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -21,6 +22,7 @@ from models import Checkpoint, InputSpec
 from models.encoders import fold_batchnorm
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PASS_PIXELS = 64 * 64 * 64  # on the CPU, most input pixels per encoder pass: 64 frames of 64x64
 
@@ -111,6 +113,19 @@ class ModelRuntime:
         if self.threads is None:
             return Done(self._probs(frames, lengths))
         return Done(self.threads.run(self._cpu_probs, frames, lengths))
+
+    @torch.inference_mode()
+    def compute(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(model, *args)`` at the model's precision, on its share of the CPU threads, synchronously
+        (streams and timelines: the encoder and head steps outside the clip batcher)."""
+        if self.threads is None or self.device.type != "cpu":
+            return self._compute(fn, args)
+        return self.threads.run(self._compute, fn, args)
+
+    @torch.inference_mode()  # on whichever thread runs it
+    def _compute(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        with self._autocast():
+            return fn(self.checkpoint.model, *args)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.precision == "fp32":

@@ -1,4 +1,5 @@
-"""One model as the service serves it: its runtime, its batcher, and what its uploads decode to."""
+"""One model as the service serves it: its runtime, its batcher, its stream stepper, and what its uploads
+decode to."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from app.batching import Batcher
 from app.runtime import ModelRuntime
+from app.streams import Stepper
 from app.uploads import Target
 from models import InputSpec
 
@@ -16,6 +18,7 @@ class ServedModel:
     runtime: ModelRuntime
     batcher: Batcher
     target: Target
+    stepper: Stepper  # its streams' frames, stepped across streams
     tuning: dict[str, Any] | None = None  # what autotune measured and chose; None when the limits were set
 
     @property

@@ -15,6 +15,7 @@ from app.loading import Loaded
 from app.metrics import Metrics
 from app.served import ServedModel
 from app.settings import Settings
+from app.streams import StreamStore
 
 
 @dataclass
@@ -24,11 +25,27 @@ class Service:
     loaded: Loaded
     budget: MemoryBudget
     intake: Intake = field(init=False)
+    streams: StreamStore = field(init=False)
     ready: bool = False
     draining: bool = False
 
     def __post_init__(self) -> None:
         self.intake = Intake(self.loaded.decoders, self.models, self.settings.decode_timeout_s)
+        self.streams = StreamStore(self.settings.max_streams, self.settings.stream_idle_s)
+        self.metrics.streams_open.labels("stream").set_function(lambda: self.streams.streams)
+        self.metrics.streams_open.labels("sequence").set_function(lambda: len(self.streams.sequences))
+        self._expiry: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Begin serving (on the event loop): ready, and idle sequences expire."""
+        self.ready = True
+        self.metrics.ready.set(1)
+        self._expiry = asyncio.get_running_loop().create_task(self._expire_sequences())
+
+    async def _expire_sequences(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.settings.stream_idle_s / 4))
+            self.streams.expire()
 
     @property
     def models(self) -> dict[str, ServedModel]:
@@ -59,5 +76,9 @@ class Service:
         """Stop taking work, answer everything accepted, then release the threads and processes."""
         self.ready = False
         self.metrics.ready.set(0)
+        if self._expiry is not None:
+            self._expiry.cancel()
+        for model, sequence_id in list(self.streams.sequences):
+            self.streams.end(model, sequence_id)
         await asyncio.gather(*(m.batcher.close() for m in self.models.values()))
         await asyncio.to_thread(self.loaded.close)

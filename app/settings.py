@@ -106,6 +106,15 @@ class HttpSettings(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
 
+class StreamSettings(BaseModel):
+    max_streams: int = Field(256, ge=1, description="open streams and KServe sequences, server-wide; past it 1013/503")
+    stream_idle_s: float = Field(60.0, gt=0, description="a stream or sequence with no frame for this long is closed")
+    stream_queue: int = Field(8, ge=1, description="frames a stream may have waiting before its socket is not read")
+    stream_max_batch: int = Field(64, ge=1, description="most frames in one cross-stream step batch")
+    max_timeline_frames: int = Field(20_000, ge=1, description="most frames a timeline samples from one video")
+    max_video_mb: float = Field(256.0, gt=0, description="largest video a timeline request may upload")
+
+
 class SecuritySettings(BaseModel):
     api_key: SecretStr | None = Field(None, description="when set, required as Bearer token or X-API-Key")
 
@@ -117,6 +126,7 @@ GROUPS: dict[str, type[BaseModel]] = {
     "CPU": CpuSettings,
     "memory": MemorySettings,
     "HTTP": HttpSettings,
+    "streams": StreamSettings,
     "security": SecuritySettings,
 }
 
@@ -128,6 +138,7 @@ class Settings(
     CpuSettings,
     MemorySettings,
     HttpSettings,
+    StreamSettings,
     SecuritySettings,
     BaseSettings,
 ):

@@ -4,12 +4,15 @@ Every head takes padded features ``feats: (B, T, D)`` and ``lengths: (B,)`` (rea
 frames per clip; positions at or past a clip's length are padding and never change
 its logits). Causal heads also stream: ``init_state(batch)`` then
 ``step(feat: (B, D), state) -> (logits, state)``, one frame at a time, giving the
-same logits as ``forward`` on the frames seen so far.
+same logits as ``forward`` on the frames seen so far. The states of separate clips stack into
+one batch (``stack_states``, ``unstack_state``) when they share a ``state_group``, so a server
+steps many streams, each at its own frame, in one call.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from typing import Any, cast
 
 import torch
@@ -28,10 +31,39 @@ def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
+def stack_rows(states: list[State], dims: dict[str, int]) -> State:
+    """Per-clip states -> one state of all the clips: each key's tensors concatenated on its batch dim."""
+    return {key: torch.cat([s[key] for s in states], dim=dim) for key, dim in dims.items()}
+
+
+def split_rows(state: State, dims: dict[str, int]) -> list[State]:
+    """One state of B clips -> B per-clip states (views of it)."""
+    parts = {key: state[key].split(1, dim=dim) for key, dim in dims.items()}
+    return [dict(zip(parts, row, strict=True)) for row in zip(*parts.values(), strict=True)]
+
+
 class TemporalHead(nn.Module):
-    """Base class; ``causal`` heads implement ``init_state`` and ``step``."""
+    """Base class; ``causal`` heads implement ``init_state``, ``step`` and the stacking of states."""
 
     causal: bool = False
+
+    @property
+    def steps_bounded(self) -> bool:
+        """Streams by ``step`` with a state of bounded size, however long the stream (else a server
+        answers a stream from a sliding window of its last frames)."""
+        return self.causal
+
+    def stack_states(self, states: list[State]) -> State:
+        """Per-clip states (batch 1 each, one ``state_group``) -> one state of all of them, in order."""
+        raise NotImplementedError(f"{type(self).__name__} is not causal and cannot stream")
+
+    def unstack_state(self, state: State) -> list[State]:
+        """The inverse of ``stack_states``."""
+        raise NotImplementedError(f"{type(self).__name__} is not causal and cannot stream")
+
+    def state_group(self, state: State) -> Hashable:
+        """States of one group stack; the default: all do."""
+        return 0
 
     def init_state(self, batch: int, device: torch.device | None = None) -> State:
         raise NotImplementedError(f"{type(self).__name__} is not causal and cannot stream")
@@ -69,13 +101,24 @@ class MeanHead(TemporalHead):
         pooled = feats.masked_fill(~mask, 0.0).sum(1) / lengths[:, None].to(feats.dtype)  # (B, D)
         return self.fc(self.dropout(pooled))
 
+    STATE_DIMS = {"sum": 0, "count": 0}  # noqa: RUF012 (read only)
+
     def init_state(self, batch: int, device: torch.device | None = None) -> State:
-        return {"sum": torch.zeros(batch, self.fc.in_features, device=device), "count": 0}
+        return {
+            "sum": torch.zeros(batch, self.fc.in_features, device=device),
+            "count": torch.zeros(batch, 1, device=device),
+        }
 
     def step(self, feat: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         total = state["sum"] + feat  # (B, D)
-        count = state["count"] + 1
+        count = state["count"] + 1  # (B, 1): each clip's own count
         return self.fc(total / count), {"sum": total, "count": count}
+
+    def stack_states(self, states: list[State]) -> State:
+        return stack_rows(states, self.STATE_DIMS)
+
+    def unstack_state(self, state: State) -> list[State]:
+        return split_rows(state, self.STATE_DIMS)
 
 
 class LSTMHead(TemporalHead):
@@ -120,6 +163,14 @@ class LSTMHead(TemporalHead):
         _, (h, c) = self.lstm(feat.unsqueeze(1), (state["h"], state["c"]))  # feat: (B, D) -> (B, 1, D)
         return self.fc(h[-1]), {"h": h, "c": c}
 
+    STATE_DIMS = {"h": 1, "c": 1}  # noqa: RUF012 (read only): (layers, B, hidden)
+
+    def stack_states(self, states: list[State]) -> State:
+        return stack_rows(states, self.STATE_DIMS)
+
+    def unstack_state(self, state: State) -> list[State]:
+        return split_rows(state, self.STATE_DIMS)
+
     def extra_flops(self, length: int) -> int:
         # Per step, per layer and direction: 4 gates of (input + hidden) x hidden MACs.
         h = self.lstm.hidden_size
@@ -131,12 +182,12 @@ class LSTMHead(TemporalHead):
 
 
 def sinusoidal_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """positions: (T,) -> (T, dim) fixed sin/cos encoding, defined for any position."""
+    """positions: (T,) or (B, T) -> (..., dim) fixed sin/cos encoding, defined for any position."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device) / half)
-    angles = positions.float()[:, None] * freqs[None, :]  # (T, half)
+    angles = positions.float()[..., None] * freqs  # (..., half)
     enc = torch.cat([angles.sin(), angles.cos()], dim=-1)
-    return F.pad(enc, (0, dim - 2 * half))  # (T, dim)
+    return F.pad(enc, (0, dim - 2 * half))  # (..., dim)
 
 
 class SelfAttention(nn.Module):
@@ -211,11 +262,13 @@ class AttentionHead(TemporalHead):
         self.score = nn.Linear(cfg.dim, 1) if cfg.pooling == "attention" else None
         self.fc = nn.Linear(cfg.dim, num_classes)
 
-    def embed(self, feats: torch.Tensor, start: int) -> torch.Tensor:
-        """feats: (B, T, D_in) at positions start.. -> (B, T, dim)."""
+    def embed(self, feats: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """feats: (B, T, D_in) at positions start.. (one start, or each clip's: (B,)) -> (B, T, dim)."""
         x = self.proj(feats)
         if self.cfg.position == "sinusoidal":
-            pos = torch.arange(start, start + x.shape[1], device=x.device)
+            pos = torch.arange(x.shape[1], device=x.device) + (
+                start if isinstance(start, int) else start.to(x.device)[:, None]
+            )
             x = x + sinusoidal_encoding(pos, self.cfg.dim).to(x.dtype)
         return x
 
@@ -261,7 +314,7 @@ class AttentionHead(TemporalHead):
             return super().init_state(batch, device)
         dim = self.cfg.dim
         return {
-            "t": 0,
+            "t": torch.zeros(batch, dtype=torch.long, device=device),  # each clip's next position
             "kv": [None] * len(self.blocks),  # per block: (k, v), each (B, h, <=window, dim/h)
             # Online softmax pooling: running max score, sum of weights, weighted sum.
             "max": torch.full((batch, 1), float("-inf"), device=device),
@@ -297,6 +350,32 @@ class AttentionHead(TemporalHead):
             scale, w = torch.exp(state["max"] - m), torch.exp(score - m)
             new.update(max=m, norm=state["norm"] * scale + w, acc=state["acc"] * scale + w * h)
         return self.fc(new["acc"] / new["norm"]), new
+
+    @property
+    def steps_bounded(self) -> bool:
+        return self.causal and self.cfg.window is not None  # else the key cache grows with every frame
+
+    POOL_DIMS = {"t": 0, "max": 0, "norm": 0, "acc": 0}  # noqa: RUF012 (read only)
+
+    def state_group(self, state: State) -> Hashable:
+        first = state["kv"][0]
+        return 0 if first is None else first[0].shape[2]  # frames in the key cache: equal ones stack
+
+    def stack_states(self, states: list[State]) -> State:
+        stacked = stack_rows(states, self.POOL_DIMS)
+        if states[0]["kv"][0] is None:
+            stacked["kv"] = [None] * len(self.blocks)
+        else:
+            per_block = zip(*(s["kv"] for s in states), strict=True)
+            stacked["kv"] = [(torch.cat([k for k, _ in kvs]), torch.cat([v for _, v in kvs])) for kvs in per_block]
+        return stacked
+
+    def unstack_state(self, state: State) -> list[State]:
+        rows = split_rows(state, self.POOL_DIMS)
+        per_block = [list(zip(k.split(1), v.split(1), strict=True)) for k, v in state["kv"]]
+        for i, row in enumerate(rows):
+            row["kv"] = [kvs[i] for kvs in per_block]
+        return rows
 
 
 @HEADS.register("mean", MeanHeadConfig)

@@ -22,6 +22,7 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,13 @@ class GuardedProtocol:
         if self.guard is not None and not self.guard.received(len(data), self.phase()):
             self.refuse(431, f"request headers over {self.limits.max_header_bytes} bytes")
 
+    def handle_websocket_upgrade(self, *args: Any) -> None:
+        """A WebSocket takes the connection over: the HTTP clocks stop (the stream has its own idle timeout)."""
+        if self.guard is not None:
+            self.guard.stop()
+            self.guard = None
+        super().handle_websocket_upgrade(*args)  # type: ignore[misc]
+
     def refuse(self, status: int, why: str) -> None:
         """Answer ``status`` (when no response has started) and close the connection."""
         transport: asyncio.Transport = self.transport  # type: ignore[attr-defined]
@@ -168,6 +176,31 @@ class GuardedH11(GuardedProtocol, H11Protocol):
         return "idle" if state is not h11.IDLE or self.cycle is not None else "headers"
 
 
+CLOSING = "fusionserve.closing"  # the scope's key of the event set when the server shuts down
+
+
+class GracefulWebSockets(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol, whose shutdown lets the app finish a stream: where the app watches
+    the ``CLOSING`` event in its scope, shutdown sets it, and the app answers every frame it has
+    received and then closes (1001) itself, within the graceful shutdown's time; uvicorn's own
+    shutdown would close at once (1012), dropping those answers."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.closing = asyncio.Event()
+        self.app_finishes = False  # the app watches ``closing``
+
+    async def run_asgi(self) -> None:
+        self.scope[CLOSING] = self  # type: ignore[literal-required]
+        await super().run_asgi()
+
+    def shutdown(self) -> None:
+        if self.app_finishes and self.handshake_complete and not self.close_sent:
+            self.closing.set()
+            return
+        super().shutdown()
+
+
 def guarded(base: type[asyncio.Protocol], limits: ConnectionLimits) -> type[asyncio.Protocol]:
     """uvicorn's protocol class ``base`` (httptools or h11) held to ``limits``."""
     guard = GuardedH11 if issubclass(base, H11Protocol) else GuardedHttpTools
@@ -195,5 +228,11 @@ def limits_of(settings: Any) -> ConnectionLimits:
 
 
 def guard(config: Any, settings: Any) -> None:
-    """Hold a loaded ``uvicorn.Config``'s connections to ``settings``' limits."""
+    """Hold a loaded ``uvicorn.Config``'s connections to ``settings``' limits, and serve WebSockets with
+    ``GracefulWebSockets``: messages of at most ``MAX_UPLOAD_MB`` (a larger one closes the stream,
+    1009), none read ahead of the app (the socket is not read until the app takes the last message),
+    and no compression (frames are JPEG or PNG already)."""
     config.http_protocol_class = guarded(config.http_protocol_class, limits_of(settings))
+    config.ws_protocol_class = GracefulWebSockets
+    config.ws_max_size = settings.max_upload_bytes
+    config.ws_per_message_deflate = False

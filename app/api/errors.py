@@ -57,17 +57,23 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def domain_response(request: Request, exc: Exception) -> Response:
-    if isinstance(exc, e.ClientGone):
-        return Response(status_code=499)  # nobody reads it; the access log and metrics do
+def status_of(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
+    """A domain error's (status, code, message, headers); (500, "internal", ...) for anything else."""
     for cls, status, code, headers in STATUSES:
         if isinstance(exc, cls):
             message = str(exc)
             if cls is e.InferenceFailed:
                 message = f"the model could not process this clip: {message}"
-            return error_response(request, status, code, message, headers)
+            return status, code, message, headers
     log.error("no status for %s: %s", type(exc).__name__, exc)
-    return error_response(request, 500, "internal", "internal error; see the server log")
+    return 500, "internal", "internal error; see the server log", {}
+
+
+def domain_response(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, e.ClientGone):
+        return Response(status_code=499)  # nobody reads it; the access log and metrics do
+    status, code, message, headers = status_of(exc)
+    return error_response(request, status, code, message, headers)
 
 
 def install_handlers(app: FastAPI) -> None:

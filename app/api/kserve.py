@@ -23,11 +23,22 @@ from app.uploads import Target
 
 
 @dataclass(frozen=True)
+class SequenceParams:
+    """A request's place in a sequence, as tritonclient sends it: ``sequence_id`` (a non-zero integer
+    or a non-empty string), ``sequence_start``, ``sequence_end``."""
+
+    id: int | str
+    start: bool
+    end: bool
+
+
+@dataclass(frozen=True)
 class InferRequest:
     array: np.ndarray  # uint8 (B, T, H, W, C)
     binary_output: bool
     classification: int | None
     id: str | None
+    sequence: SequenceParams | None = None
 
 
 def parse_infer(body: bytes, header_length: str | None, target: Target, max_clips: int) -> InferRequest:
@@ -38,7 +49,23 @@ def parse_infer(body: bytes, header_length: str | None, target: Target, max_clip
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadInput(f"the request id must be a string, got {type(request_id).__name__}")
-    return InferRequest(array, binary_output, classification, request_id)
+    sequence = sequence_params(parameters(request, "the request"))
+    if sequence is not None and array.shape[0] != 1:
+        raise WrongShape(f"a sequence's input {INPUT!r} holds one clip, [1, T, H, W, C]; got {array.shape[0]}")
+    return InferRequest(array, binary_output, classification, request_id, sequence)
+
+
+def sequence_params(params: dict[str, Any]) -> SequenceParams | None:
+    """The sequence a request belongs to, or None (no ``sequence_id``, or Triton's 0 or "": none)."""
+    seq_id = params.get("sequence_id")
+    start, end = flag(params, "sequence_start", False), flag(params, "sequence_end", False)
+    if seq_id is None or seq_id == 0 or seq_id == "":
+        if start or end:
+            raise BadInput("sequence_start and sequence_end need a sequence_id")
+        return None
+    if isinstance(seq_id, bool) or not isinstance(seq_id, int | str):
+        raise BadInput(f"sequence_id must be an integer or a string, got {seq_id!r}")
+    return SequenceParams(seq_id, start, end)
 
 
 def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:

@@ -124,6 +124,11 @@ def model_info(service: Service, served: ServedModel) -> ModelInfo:
             "autotuned": served.tuning is not None,
             "tuning": served.tuning,
         },
+        streams={
+            "mode": served.stepper.mode,
+            "window": served.stepper.window if served.stepper.mode == "window" else None,
+            "max_batch": served.stepper.max_batch,
+        },
     )
 
 

@@ -73,6 +73,10 @@ class ModelInfo(BaseModel):
     )
     created_at: str
     batching: dict[str, Any]
+    streams: dict[str, Any] = Field(
+        description="how /stream and v2 sequences run it: mode step (a state per stream, one head step per "
+        "frame) or window (the head on the last `window` frames), and the most frames per step batch"
+    )
 
 
 class ModelList(BaseModel):

@@ -11,18 +11,20 @@ import json
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from app import __version__
 from app.api.deps import ServiceDep, disconnected, require_api_key
-from app.api.kserve import InferRequest, encode_output, parse_infer
+from app.api.kserve import InferRequest, SequenceParams, encode_output, parse_infer
 from app.api.openapi import INFER_BODY, INPUT, OUTPUT, V2_ERRORS
 from app.errors import NotFound
 from app.preprocess import tensor_to_clips
 from app.served import ServedModel
 from app.service import Service
+from app.streams import append
 
 HEADER = "inference-header-content-length"
 EXTENSIONS = ["binary_tensor_data", "classification"]
@@ -122,6 +124,16 @@ async def infer_version(name: str, version: str, request: Request, service: Serv
     return await infer_with(request, service, name, version)
 
 
+async def in_sequence(service: Service, served: ServedModel, params: SequenceParams, clip: torch.Tensor) -> np.ndarray:
+    """Append ``clip`` (T, C, H, W) to its sequence (docs/streams.md): the probabilities after its last frame."""
+    sequence, start = service.streams.sequence(served.stepper, served.name, params.id, params.start)
+    try:
+        return await append(sequence, clip.permute(0, 2, 3, 1).numpy(), start)
+    finally:
+        if params.end:
+            service.streams.end(served.name, params.id)
+
+
 async def infer_with(request: Request, service: Service, name: str, version: str | None) -> Response:
     service.check_accepting()
     served = served_version(service, name, version)
@@ -130,8 +142,11 @@ async def infer_with(request: Request, service: Service, name: str, version: str
     max_clips = served.batcher.policy.max_queue
     req: InferRequest = await intake.off_loop(parse_infer, body, request.headers.get(HEADER), served.target, max_clips)
     clips: list[torch.Tensor] = await intake.off_loop(tensor_to_clips, req.array, served.target.format)
-    results = await intake.classify_clips(served, clips, partial(disconnected, request))
-    probs = torch.stack([r.probabilities for r in results]).numpy()
+    if req.sequence is not None:
+        probs = (await in_sequence(service, served, req.sequence, clips[0]))[None]
+    else:
+        results = await intake.classify_clips(served, clips, partial(disconnected, request))
+        probs = torch.stack([r.probabilities for r in results]).numpy()
     output, raw = encode_output(probs, served.labels, req.binary_output, req.classification)
     reply: dict[str, Any] = {"model_name": served.name, "model_version": served.version, "outputs": [output]}
     if req.id is not None:

@@ -135,6 +135,48 @@ def test_streaming_step_by_step_equals_whole_clip(name: str) -> None:
             torch.testing.assert_close(stepped, whole, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", CAUSAL)
+def test_states_of_clips_at_different_frames_stack_into_one_step(name: str) -> None:
+    """A server steps many streams at once, each at its own frame: stacking their states (by group) and
+    stepping them together gives each clip the logits of stepping it alone."""
+    cfg = CONFIGS[name]
+    model = build_model(cfg).eval()
+    head = model.head
+    lengths = [7, 2, 5]  # each clip is stepped this many frames before the joint step
+    frames = clip_batch(cfg, [8, 8, 8]).view(3, 8, cfg.in_channels, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        feats = model.forward_features(frames.flatten(0, 1)).view(3, 8, -1)
+        states = []
+        for clip, n in enumerate(lengths):
+            state = head.init_state(1)
+            for t in range(n):
+                _, state = head.step(feats[clip, t][None], state)
+            states.append(state)
+        groups: dict[object, list[int]] = {}
+        for clip, state in enumerate(states):
+            groups.setdefault(head.state_group(state), []).append(clip)
+        for members in groups.values():
+            stacked = head.stack_states([states[i] for i in members])
+            joint, after = head.step(torch.stack([feats[i, lengths[i]] for i in members]), stacked)
+            for row, (i, state) in enumerate(zip(members, head.unstack_state(after), strict=True)):
+                alone, alone_state = head.step(feats[i, lengths[i]][None], states[i])
+                torch.testing.assert_close(joint[row], alone[0], atol=1e-5, rtol=1e-5)
+                whole = model.forward_clips(frames[i : i + 1, : lengths[i] + 1])
+                torch.testing.assert_close(joint[row], whole[0], atol=1e-5, rtol=1e-5)
+                # the split state steps on as the clip's own
+                nxt, _ = head.step(feats[i, 7][None] if lengths[i] < 7 else feats[i, 0][None], state)
+                ref, _ = head.step(feats[i, 7][None] if lengths[i] < 7 else feats[i, 0][None], alone_state)
+                torch.testing.assert_close(nxt, ref, atol=1e-5, rtol=1e-5)
+    if name == "attention-causal-window":
+        assert len(groups) < len(lengths)  # clips past the window share a group: their caches are equally long
+
+
+def test_which_heads_step_with_bounded_state() -> None:
+    bounded = {name: build_model(cfg).head.steps_bounded for name, cfg in CONFIGS.items()}
+    assert bounded["lstm"] and bounded["mean"] and bounded["attention-causal-window"]
+    assert not bounded["lstm-bi-2layer"] and not bounded["attention"] and not bounded["attention-causal-mean"]
+
+
 @pytest.mark.parametrize("name", ["lstm-bi-2layer", "attention", "attention-cls"])
 def test_non_causal_heads_refuse_to_stream(name: str) -> None:
     model = build_model(CONFIGS[name]).eval()

@@ -1,0 +1,232 @@
+"""Cross-stream step batching: the newest frame of every stream with one waiting, stepped together.
+
+A ``Stream`` is one client's sequence of frames on one model (a WebSocket stream or a KServe v2
+sequence). Its model's ``Stepper`` has one thread that takes, in turn, the oldest waiting frame of
+up to ``max_batch`` streams, runs their frames through the encoder in one batch, and then:
+
+- **step** mode (heads whose state stays bounded: a unidirectional LSTM, the mean, causal attention
+  with a window): one batched head step, the streams' states stacked by ``state_group`` and split
+  back, so each frame is one encoder pass and one head step, and the answer after frame i is the
+  model's answer on frames 0..i;
+- **window** mode (every other head: a bidirectional LSTM, full attention): each stream keeps the
+  features of its last ``window`` frames, and the head runs on the windows of the frames to be
+  answered, as one ragged batch; a frame's features are computed once and reused by every window
+  that holds it.
+
+A stream's frames are taken in order, one per batch, so its order is never broken; frames wait
+while a batch runs, so batches grow with the load, as the clip batcher's do. Futures are settled on
+the event loop that submitted them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from app.runtime import ModelRuntime
+from models import FusedClassifier
+from models.heads import State
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stepped:
+    """One frame's outcome: its probabilities (None when it was not to be answered), how long it
+    waited for its batch, how long the batch took, and the batch's size."""
+
+    probs: np.ndarray | None
+    queue_s: float
+    step_s: float
+    batch: int
+
+
+@dataclass
+class Step:
+    """One decoded frame of a stream: (H, W, C) uint8 at the model's size."""
+
+    frame: np.ndarray
+    reset: bool  # the stream's state starts over before this frame
+    answer: bool  # compute its probabilities (a stream answering every N-th frame skips the rest)
+    future: asyncio.Future[Stepped]
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class Stream:
+    """One stream's place in its model's stepper: frames waiting, and its state or window."""
+
+    def __init__(self, window: int) -> None:
+        self.pending: deque[Step] = deque()
+        self.queued = False  # in the stepper's line of streams with a frame waiting
+        self.closed = False
+        self.state: State | None = None  # step mode
+        self.window: deque[torch.Tensor] = deque(maxlen=window)  # window mode: features (D,) of its last frames
+
+
+class Stepper:
+    """One model's stream steps, on a thread of its own (``start``, ``close``)."""
+
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        max_batch: int,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.runtime, self.max_batch = runtime, max_batch
+        self.mode = "step" if runtime.checkpoint.model.head.steps_bounded else "window"
+        self.window = runtime.spec.frames
+        self._on_batch = on_batch or (lambda size, seconds: None)
+        self._ready: deque[Stream] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name=f"stepper-{runtime.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def open(self) -> Stream:
+        return Stream(self.window)
+
+    def submit(self, stream: Stream, step: Step) -> None:
+        """Queue ``step`` after the stream's earlier frames (from the event loop)."""
+        with self._cond:
+            stream.pending.append(step)
+            if not stream.queued:
+                stream.queued = True
+                self._ready.append(stream)
+                self._cond.notify()
+
+    def discard(self, stream: Stream) -> None:
+        """The stream has ended: frames of it not yet stepped are not, and its state goes."""
+        with self._cond:
+            stream.closed = True
+            for step in stream.pending:
+                step.future.get_loop().call_soon_threadsafe(_cancel, step.future)
+            stream.pending.clear()
+            stream.state = None
+            stream.window.clear()
+
+    def close(self) -> None:
+        """Step every frame submitted, then stop the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _take(self) -> list[tuple[Stream, Step]] | None:
+        """The oldest frame of each of up to ``max_batch`` streams, in turn; None once closed and empty."""
+        with self._cond:
+            while True:
+                while not self._ready:
+                    if self._stopping:
+                        return None
+                    self._cond.wait()
+                batch: list[tuple[Stream, Step]] = []
+                for _ in range(len(self._ready)):  # each stream once
+                    if len(batch) == self.max_batch:
+                        break
+                    stream = self._ready.popleft()
+                    if stream.pending:
+                        batch.append((stream, stream.pending.popleft()))
+                    if stream.pending:
+                        self._ready.append(stream)  # behind the others: its next frame goes in a later batch
+                    else:
+                        stream.queued = False  # drained, or discarded while it waited
+                if batch:
+                    return batch
+
+    def _work(self) -> None:
+        while (batch := self._take()) is not None:
+            started = time.perf_counter()
+            try:
+                probs = self.runtime.compute(self._step_batch, batch)
+            except Exception as exc:  # a fault of the model, not of one frame: every frame of the batch learns it
+                log.exception("%s: a stream step failed", self.runtime.name)
+                for _, step in batch:
+                    step.future.get_loop().call_soon_threadsafe(_fail, step.future, exc)
+                continue
+            took = time.perf_counter() - started
+            self._on_batch(len(batch), took)
+            outcomes = [
+                (step.future, Stepped(p, started - step.submitted, took, len(batch)))
+                for (_, step), p in zip(batch, probs, strict=True)
+            ]
+            loop = batch[0][1].future.get_loop()
+            loop.call_soon_threadsafe(_settle, outcomes)
+
+    def _step_batch(self, model: FusedClassifier, batch: list[tuple[Stream, Step]]) -> list[np.ndarray | None]:
+        """Encode the batch's frames once, then step or window each stream (in the runtime's compute)."""
+        device = model.mean.device
+        pixels = torch.from_numpy(np.stack([step.frame for _, step in batch])).permute(0, 3, 1, 2)  # (B, C, H, W)
+        feats = model.forward_features(pixels.to(device, non_blocking=True))  # (B, D)
+        streams = [stream for stream, _ in batch]
+        for stream, step in batch:
+            if step.reset:
+                stream.state = None
+                stream.window.clear()
+        if self.mode == "step":
+            logits = self._steps(model, streams, feats)
+        else:
+            logits = self._windows(model, streams, feats, [step.answer for _, step in batch])
+        out: list[np.ndarray | None] = [None] * len(batch)
+        for i, row in logits.items():
+            if batch[i][1].answer:
+                out[i] = row
+        return out
+
+    @staticmethod
+    def _steps(model: FusedClassifier, streams: list[Stream], feats: torch.Tensor) -> dict[int, np.ndarray]:
+        head = model.head
+        groups: dict[Hashable, list[int]] = defaultdict(list)
+        for i, stream in enumerate(streams):
+            if stream.state is None:
+                stream.state = head.init_state(1, device=feats.device)
+            groups[head.state_group(stream.state)].append(i)
+        rows: dict[int, np.ndarray] = {}
+        for members in groups.values():
+            stacked = head.stack_states([streams[i].state for i in members])  # type: ignore[misc]
+            logits, after = head.step(feats[members], stacked)
+            probs = logits.float().softmax(dim=-1).cpu().numpy()
+            for i, state, p in zip(members, head.unstack_state(after), probs, strict=True):
+                streams[i].state = state
+                rows[i] = p
+        return rows
+
+    @staticmethod
+    def _windows(
+        model: FusedClassifier, streams: list[Stream], feats: torch.Tensor, answer: list[bool]
+    ) -> dict[int, np.ndarray]:
+        for stream, feat in zip(streams, feats, strict=True):
+            stream.window.append(feat.clone())  # its own copy: a view would hold the whole batch's features
+        wanted = [i for i, a in enumerate(answer) if a]
+        if not wanted:
+            return {}
+        windows = [torch.stack(list(streams[i].window)) for i in wanted]
+        lengths = torch.tensor([len(w) for w in windows])
+        probs = model.forward_head(torch.cat(windows), lengths).float().softmax(dim=-1).cpu().numpy()
+        return dict(zip(wanted, probs, strict=True))
+
+
+def _settle(outcomes: list[tuple[asyncio.Future[Stepped], Stepped]]) -> None:
+    for future, outcome in outcomes:
+        if not future.done():
+            future.set_result(outcome)
+
+
+def _cancel(future: asyncio.Future[Stepped]) -> None:
+    if not future.done():
+        future.cancel()
+
+
+def _fail(future: asyncio.Future[Stepped], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
