@@ -146,7 +146,7 @@ def serve(runtime: ModelRuntime, s: Settings, metrics: Metrics, release: HeapRel
     ).set(1)
     metrics.queue_depth.labels(name).set_function(partial(getattr, batcher, "depth"))
     limits = Limits(max_frames=s.max_frames, max_pixels=s.max_pixels, max_decoded=s.max_decoded_frames)
-    stepper = Stepper(runtime, s.stream_max_batch, on_batch=metrics.step_observer(name))
+    stepper = Stepper(runtime, s.stream_max_batch, on_batch=metrics.step_observer(name), after_batch=release.tick)
     target = Target(FrameFormat.of(runtime.spec), runtime.spec.frames, limits)
     return ServedModel(runtime, batcher, target, stepper, tuning)
 

@@ -22,6 +22,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,6 +170,7 @@ class Session:
         self.slots = asyncio.Semaphore(self.settings.stream_queue)
         self.answers: asyncio.Queue[Outgoing] = asyncio.Queue()
         self.index = 0  # the next frame's number
+        self.received = self.answered = 0  # frames read, and frames whose answer (or error) was sent
         self.reset = False  # the next frame starts the state over
         self.connected = True
         self.frame_seconds = service.metrics.stream_frame_seconds.labels(served.name)
@@ -189,6 +191,9 @@ class Session:
             closing.cancel()
             writer.cancel()
             self.stepper.discard(self.stream)
+            log.info(
+                "stream on %s closed: %d frames received, %d answered", self.served.name, self.received, self.answered
+            )
 
     async def close(self, code: int, reason: str) -> None:
         if self.ws.client_state is WebSocketState.CONNECTED:
@@ -208,13 +213,19 @@ class Session:
                     return 1001, "the server is shutting down"
                 return 1000, f"idle: no message for {idle:g} s"
             message = receiving.result()
+            if closing.done() and message["type"] != "websocket.disconnect":
+                await self.take(message)  # read already: answered, and no more is read
+                return 1001, "the server is shutting down"
             if message["type"] == "websocket.disconnect":
                 self.connected = False
                 return None
-            if message.get("bytes") is not None:
-                await self.frame(message["bytes"])
-            elif message.get("text") is not None:
-                self.control(message["text"])
+            await self.take(message)
+
+    async def take(self, message: MutableMapping[str, Any]) -> None:
+        if message.get("bytes") is not None:
+            await self.frame(message["bytes"])
+        elif message.get("text") is not None:
+            self.control(message["text"])
 
     def control(self, text: str) -> None:
         try:
@@ -236,6 +247,7 @@ class Session:
 
     async def frame(self, data: bytes) -> None:
         await self.slots.acquire()  # at most STREAM_QUEUE unanswered: past them, the socket is not read
+        self.received += 1
         received = time.perf_counter()
         index, self.index = self.index, self.index + 1
         out = Outgoing(index, received, top_k=self.options.top_k)
@@ -277,6 +289,8 @@ class Session:
                     await self.ws.send_text(message)
                 except (WebSocketDisconnect, RuntimeError, OSError):
                     self.connected = False
+                else:
+                    self.answered += out.index is not None
 
     async def message(self, out: Outgoing) -> str | None:
         if out.error is not None:

@@ -72,15 +72,18 @@ class Stream:
 
 
 class Stepper:
-    """One model's stream steps, on a thread of its own (``start``, ``close``)."""
+    """One model's stream steps, on a thread of its own (``start``, ``close``). ``on_batch(size, seconds)``
+    observes each batch; ``after_batch`` runs after each (housekeeping such as ``app.memory.HeapRelease``)."""
 
     def __init__(
         self,
         runtime: ModelRuntime,
         max_batch: int,
         on_batch: Callable[[int, float], None] | None = None,
+        after_batch: Callable[[], object] | None = None,
     ) -> None:
         self.runtime, self.max_batch = runtime, max_batch
+        self._after_batch = after_batch or (lambda: None)
         self.mode = "step" if runtime.checkpoint.model.head.steps_bounded else "window"
         self.window = runtime.spec.frames
         self._on_batch = on_batch or (lambda size, seconds: None)
@@ -162,6 +165,7 @@ class Stepper:
             ]
             loop = batch[0][1].future.get_loop()
             loop.call_soon_threadsafe(_settle, outcomes)
+            self._after_batch()
 
     def _step_batch(self, model: FusedClassifier, batch: list[tuple[Stream, Step]]) -> list[np.ndarray | None]:
         """Encode the batch's frames once, then step or window each stream (in the runtime's compute)."""
