@@ -45,6 +45,7 @@ router = APIRouter(tags=["streams"])
 SUBPROTOCOL = "fusionserve"  # offered by browsers, with "bearer.<key>" when a key is needed
 KEY_PREFIX = "bearer."
 CONTROLS = {"reset", "every", "top_k"}
+UNREAD = "answers not read"
 
 
 class Refused(Exception):
@@ -184,8 +185,16 @@ class Session:
         try:
             ending = await self.read(closing)
             self.answers.put_nowait(END)
-            await writer  # every frame received is answered, then the stream closes
-            if ending is not None and self.connected:
+            # every frame received is answered, then the stream closes; a client that reads no answers
+            # for STREAM_IDLE_S holds neither its place nor its socket
+            unread = ending is not None and ending[1].startswith(UNREAD)
+            await asyncio.wait((writer,), timeout=0 if unread else self.settings.stream_idle_s)
+            if not writer.done():
+                log.info("closing a stream whose client reads no answers")
+                self.connected = False
+                if protocol is not None:
+                    protocol.transport.abort()  # a close frame would wait behind the unread answers
+            elif ending is not None and self.connected:
                 await self.close(*ending)
         finally:
             closing.cancel()
@@ -213,13 +222,15 @@ class Session:
                     return 1001, "the server is shutting down"
                 return 1000, f"idle: no message for {idle:g} s"
             message = receiving.result()
-            if closing.done() and message["type"] != "websocket.disconnect":
-                await self.take(message)  # read already: answered, and no more is read
-                return 1001, "the server is shutting down"
             if message["type"] == "websocket.disconnect":
                 self.connected = False
                 return None
-            await self.take(message)
+            try:
+                await self.take(message)
+            except TimeoutError:  # its answers have not been read for STREAM_IDLE_S: a place held for nothing
+                return 1008, f"{UNREAD} for {idle:g} s"
+            if closing.done():
+                return 1001, "the server is shutting down"  # the last message read is answered; no more is read
 
     async def take(self, message: MutableMapping[str, Any]) -> None:
         if message.get("bytes") is not None:
@@ -246,7 +257,9 @@ class Session:
             self.index, self.reset = 0, True
 
     async def frame(self, data: bytes) -> None:
-        await self.slots.acquire()  # at most STREAM_QUEUE unanswered: past them, the socket is not read
+        """Decode a frame and hand it to the stepper; its answer is the writer's."""
+        # at most STREAM_QUEUE unanswered: past them, the socket is not read
+        await asyncio.wait_for(self.slots.acquire(), self.settings.stream_idle_s)
         self.received += 1
         received = time.perf_counter()
         index, self.index = self.index, self.index + 1

@@ -5,7 +5,9 @@ shutdown)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +24,7 @@ from websockets.typing import Subprotocol
 from models import default_checkpoint
 from tests.support.media import encode, multipart_frames, picture, synth_clip
 from tests.support.servers import live_server
+from tests.support.waiting import wait_for
 
 LSTM, ATTENTION = "moving-digits-lstm", "moving-digits-attention"
 KEY = "s3cret-key"
@@ -264,5 +267,42 @@ def test_frames_past_the_limits(guarded: str, clip: np.ndarray) -> None:
             assert (await closed_with(ws))[0] == 1009
         r = httpx.get(f"{guarded}/v2/health/live")  # and the server is fine
         assert r.status_code == 200
+
+    asyncio.run(check())
+
+
+def test_a_client_that_reads_no_answers_loses_its_stream(guarded: str, clip: np.ndarray) -> None:
+    """Its answers fill the socket, its frames fill STREAM_QUEUE, and after STREAM_IDLE_S without room
+    the server drops the connection: the place is free again, and the socket is closed."""
+    host, port = guarded.removeprefix("http://").split(":")
+
+    def open_streams() -> float:
+        text = httpx.get(f"{guarded}/metrics").text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("fusionserve_streams_open{") and 'kind="stream"' in line
+        )
+
+    async def check() -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader that takes almost nothing
+        sock.connect((host, int(port)))
+        frame = encode(clip[0], "PNG")
+        async with connect(ws_url(guarded), sock=sock, max_queue=1, additional_headers={"X-API-Key": KEY}) as ws:
+
+            async def flood() -> None:
+                with contextlib.suppress(ConnectionClosed, OSError):
+                    while True:
+                        await ws.send(frame)
+
+            sender = asyncio.ensure_future(flood())
+            assert await asyncio.to_thread(wait_for, lambda: open_streams() == 1, 10)
+            started = time.monotonic()
+            assert await asyncio.to_thread(wait_for, lambda: open_streams() == 0, 30)
+            assert time.monotonic() - started > 1.0  # not before STREAM_IDLE_S without room
+            await asyncio.wait_for(sender, 30)
+            print("sender failed after", time.monotonic() - started)  # the server dropped the socket: sending fails
+            sender.result()
 
     asyncio.run(check())
