@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import ops, predict, streams, v2
+from app.api import ops, predict, streams, timeline, v2
 from app.api.errors import install_handlers
 from app.api.middleware import BodyDecoding, BodyLimit, BodyLimits, Inflight, RequestMetrics
 from app.budget import MemoryBudget, memory_limit
@@ -57,11 +57,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "Plain JSON under /predict and /models, the KServe v2 / Open Inference Protocol under /v2.",
     )
     install_handlers(app)
-    limits = BodyLimits(upload=settings.max_upload_bytes, json=int(settings.max_json_mb * 1024 * 1024))
+    mb = 1024 * 1024
+    limits = BodyLimits(
+        upload=settings.max_upload_bytes, json=int(settings.max_json_mb * mb), video=int(settings.max_video_mb * mb)
+    )
     app.add_middleware(Inflight, budget=budget)  # inside the inflating: it counts the bytes the app holds
     app.add_middleware(BodyDecoding, limits=limits)  # inside the limit on the wire's bytes
     app.add_middleware(BodyLimit, limits=limits)
     app.add_middleware(RequestMetrics, metrics=metrics)
-    for router in (predict.router, streams.router, v2.health, v2.router, ops.router):
+    for router in (predict.router, streams.router, timeline.router, v2.health, v2.router, ops.router):
         app.include_router(router)
     return app

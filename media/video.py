@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import bisect
 import io
-from collections.abc import Callable, Sequence
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,3 +227,116 @@ def video_length(path: Path) -> int:
     """Frames in a video file's first video stream, from its header (0 when unknown)."""
     with _av().open(str(path)) as container:
         return stream_length(container)
+
+
+class SampledVideo:
+    """An encoded video read once from start to end, as the frames shown every ``1 / fps`` seconds.
+
+    For long videos (timelines): iterating decodes every frame in order, one at a time, and yields
+    the frame on screen at each time ``k / fps`` (k = 0, 1, ... while before the video's end; the
+    first frame's timestamp is time 0), uint8 (H, W, C) at ``fmt``'s size. Only the frames yielded
+    are converted, a frame shown at several sample times is converted once, and nothing but the
+    frame on screen is held, so memory does not grow with the video. Every decoded frame is held to
+    ``max_pixels`` and ``stop`` is asked between frames, as ``decode_video`` does; past ``max_frames``
+    sampled frames it raises ``TooLarge``, from the header's duration before decoding when the
+    container has one, else once decoding gets there. ``duration_s`` is the end of the last frame
+    (its time plus its duration) once iterated.
+    """
+
+    EPS = 1e-6  # seconds: a sample time this close to a frame's start belongs to that frame
+
+    def __init__(
+        self,
+        source: bytes | Path,
+        fmt: FrameFormat,
+        fps: float,
+        *,
+        max_pixels: int = 1 << 31,
+        max_frames: int = MAX_DECODED,
+        stop: Stop | None = None,
+        threads: bool = False,
+    ) -> None:
+        if not fps > 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.source, self.fmt, self.fps = source, fmt, fps
+        self.max_pixels, self.max_frames, self.stop, self.threads = max_pixels, max_frames, stop, threads
+        self.sampled = 0  # frames yielded so far
+        self.duration_s: float | None = None
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        av = _av()
+        try:
+            with _open(av, self.source) as container:
+                # decoded frames are not bounded by MAX_DECODED: sampled frames, the pixel limit, the
+                # body's size and the caller's stop bound a timeline
+                reader = _Reader(container, _stream(container, self.max_pixels), self.fmt, self.max_pixels,
+                                 sys.maxsize, self.stop)  # fmt: skip
+                if self.threads:
+                    reader.stream.thread_type = "AUTO"
+                self._check(_header_duration(container, reader.stream))
+                yield from self._sample(reader)
+        except (InputError, Stopped):
+            raise
+        except (av.error.FFmpegError, OSError, ValueError, IndexError) as exc:
+            raise BadInput(f"the video could not be decoded ({exc})") from exc
+
+    def _sample(self, reader: _Reader) -> Iterator[np.ndarray]:
+        stream = reader.stream
+        base = float(stream.time_base) if stream.time_base else None
+        rate = stream.guessed_rate or stream.average_rate
+        last: float | None = None  # the time of the frame on screen, from the first frame's
+        shown: Any = None
+        origin = interval = 0.0
+        for frame in reader.frames():
+            if frame.pts is not None and base is not None:
+                time = float(frame.pts) * base - origin
+                if shown is None:
+                    origin, time = time, 0.0
+            else:  # a raw stream: frames carry no timestamps, only durations
+                time = 0.0 if last is None else last + interval
+            if shown is not None:
+                yield from self._until(time, shown, reader)
+            interval = _frame_duration(frame, base) or (time - last if last is not None and time > last else 0.0)
+            interval = interval or (1 / float(rate) if rate else 1 / self.fps)
+            shown, last = frame, time
+        if shown is None or last is None:
+            raise BadInput("no frame of the video could be decoded")
+        self.duration_s = last + interval
+        yield from self._until(self.duration_s, shown, reader)
+
+    def _until(self, time: float, frame: Any, reader: _Reader) -> Iterator[np.ndarray]:
+        """``frame`` for every sample time before ``time`` (where the next frame starts)."""
+        pixels = None
+        while self.sampled / self.fps < time - self.EPS:
+            self.sampled += 1
+            self._check_count(self.sampled)
+            if pixels is None:
+                pixels = reader.resized(frame)
+                pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+            yield pixels
+
+    def _check(self, duration: float | None) -> None:
+        if duration is not None:
+            self._check_count(math.ceil(duration * self.fps - self.EPS), duration)
+
+    def _check_count(self, count: int, duration: float | None = None) -> None:
+        if count > self.max_frames:
+            length = f"{duration:g} s of video" if duration is not None else "the video"
+            raise TooLarge(
+                f"{length} at {self.fps:g} frames per second is more than the limit of {self.max_frames} frames"
+            )
+
+
+def _header_duration(container: Any, stream: Any) -> float | None:
+    """Seconds of video by the header: the stream's duration, else the container's; None when neither says."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / 1_000_000  # microseconds
+    return None
+
+
+def _frame_duration(frame: Any, base: float | None) -> float:
+    """A decoded frame's duration in seconds, 0 when unknown."""
+    duration = getattr(frame, "duration", None)
+    return float(duration) * base if duration and base else 0.0

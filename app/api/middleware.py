@@ -18,17 +18,29 @@ def header(scope: Scope, name: bytes) -> bytes:
     return next((v for k, v in scope.get("headers", ()) if k == name), b"")
 
 
+def is_timeline(path: str) -> bool:
+    """Whether ``path`` is a timeline route: ``/timeline`` or ``/models/{name}/timeline``."""
+    parts = path.split("/")
+    return parts[-1] == "timeline" and (len(parts) == 2 or (len(parts) == 4 and parts[1] == "models"))
+
+
 @dataclass(frozen=True)
 class BodyLimits:
-    """The most bytes a request body may hold: ``upload`` (MAX_UPLOAD_MB), and ``json`` (MAX_JSON_MB)
-    for JSON, which parsing multiplies in memory."""
+    """The most bytes a request body may hold: ``upload`` (MAX_UPLOAD_MB), ``json`` (MAX_JSON_MB) for
+    JSON, which parsing multiplies in memory, and ``video`` for the timeline routes, which take long
+    videos (MAX_VIDEO_MB)."""
 
     upload: int
     json: int
+    video: int
 
     def of(self, scope: Scope) -> int:
         kind = header(scope, b"content-type").split(b";", 1)[0].strip().lower()
-        return self.json if kind == b"application/json" else self.upload
+        if kind == b"application/json":
+            return self.json
+        if is_timeline(scope.get("path", "")):
+            return self.video
+        return self.upload
 
 
 class BodyLimit:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support.media import encode, multipart_frames, synth_clip
+from tests.support.media import encode, mjpeg, multipart_frames, synth_clip
 from tests.support.servers import live_server, metric_value, spawn_server
 
 
@@ -144,12 +144,6 @@ def test_a_large_json_body_is_parsed_off_the_event_loop_and_bounded(default_ckpt
         assert rss_mb(proc.pid) - before < 400  # one parse at a time per decode thread, each bounded
 
 
-def mjpeg_video(frames: list[bytes]) -> bytes:
-    from tests.media.test_video import mjpeg
-
-    return mjpeg(frames)
-
-
 def test_video_frames_past_the_pixel_limit_are_refused_at_the_first_and_memory_stays_bounded(
     default_ckpt: Path,
 ) -> None:
@@ -157,7 +151,7 @@ def test_video_frames_past_the_pixel_limit_are_refused_at_the_first_and_memory_s
 
     with spawn_server("--max-batch-size", "2", "--max-pixels", str(1024 * 1024)) as (proc, url):
         before = rss_mb(proc.pid)
-        video = mjpeg_video([jpeg(16, 16)] + [jpeg(3000, 3000)] * 20)  # a small header, then 9 M-pixel frames
+        video = mjpeg([jpeg(16, 16)] + [jpeg(3000, 3000)] * 20)  # a small header, then 9 M-pixel frames
         r = httpx.post(f"{url}/predict", files={"video": ("v.avi", video, "video/x-msvideo")}, timeout=60)
         assert r.status_code == 413 and "more than 1048576 pixels" in r.json()["error"]["message"], r.text
         grown = h264(numbered(4, (64, 64))) + h264(numbered(2, (1024, 1032)))  # H.264 that grows mid-stream

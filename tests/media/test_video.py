@@ -5,16 +5,14 @@ a stop between frames."""
 from __future__ import annotations
 
 import io
-from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
-from PIL import Image
 
 from media import FrameFormat, Stopped, TooLarge, decode_video, sample_indices
-from tests.support.media import write_video
+from tests.support.media import jpeg, mjpeg, write_video
 
 FMT = FrameFormat(24, 32, 3)
 
@@ -50,25 +48,6 @@ def test_seeking_decodes_a_share_of_a_long_video(tmp_path: Path) -> None:
     assert got.shape[0] == 8
     with pytest.raises(TooLarge, match="more than 20 frames decoded"):
         decode_video(path, FMT, lambda n: np.arange(n), max_decoded=20)
-
-
-def mjpeg(frames: list[bytes]) -> bytes:
-    """An MJPEG AVI whose packets are these JPEGs, of whatever sizes (the header says the first's)."""
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="avi") as container:
-        stream = container.add_stream("mjpeg", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuvj420p"
-        for i, data in enumerate(frames):
-            packet = av.Packet(data)
-            packet.stream, packet.pts, packet.dts, packet.time_base = stream, i, i, Fraction(1, 10)
-            container.mux(packet)
-    return buf.getvalue()
-
-
-def jpeg(width: int, height: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), (90, 60, 30)).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 def test_a_frame_past_the_pixel_limit_is_refused_though_the_header_is_small() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +95,23 @@ def picture(height: int, width: int, seed: int = 0) -> np.ndarray:
     y, x = np.mgrid[0:height, 0:width]
     base = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], axis=-1)
     return np.clip(base + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8)
+
+
+def mjpeg(frames: list[bytes]) -> bytes:
+    """An MJPEG AVI whose packets are these JPEGs, of whatever sizes (the header says the first's)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="avi") as container:
+        stream = container.add_stream("mjpeg", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuvj420p"
+        for i, data in enumerate(frames):
+            packet = av.Packet(data)
+            packet.stream, packet.pts, packet.dts, packet.time_base = stream, i, i, Fraction(1, 10)
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def jpeg(width: int, height: int) -> bytes:
+    """A plain JPEG of this size."""
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 60, 30)).save(buf, "JPEG")
+    return buf.getvalue()
