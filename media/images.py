@@ -44,8 +44,12 @@ def decode_jpeg(data: bytes, fmt: FrameFormat, max_pixels: int, index: int = 0) 
     """
     if not data.startswith(b"\xff\xd8"):
         return None
-    if data.find(b"Exif\x00\x00", 0, EXIF_SEARCH) >= 0 and turned(Image.open(io.BytesIO(data))):
-        return None  # Pillow turns it upright
+    if data.find(b"Exif\x00\x00", 0, EXIF_SEARCH) >= 0:
+        try:
+            if turned(Image.open(io.BytesIO(data))):
+                return None  # Pillow turns it upright
+        except Exception:  # a broken head or EXIF, of any kind: Pillow's own path says what is wrong
+            return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:

@@ -37,8 +37,8 @@ def stack_rows(states: list[State], dims: dict[str, int]) -> State:
 
 
 def split_rows(state: State, dims: dict[str, int]) -> list[State]:
-    """One state of B clips -> B per-clip states (views of it)."""
-    parts = {key: state[key].split(1, dim=dim) for key, dim in dims.items()}
+    """One state of B clips -> B per-clip states (copies: a view would keep the whole batch's alive)."""
+    parts = {key: [row.clone() for row in state[key].split(1, dim=dim)] for key, dim in dims.items()}
     return [dict(zip(parts, row, strict=True)) for row in zip(*parts.values(), strict=True)]
 
 
@@ -372,7 +372,10 @@ class AttentionHead(TemporalHead):
 
     def unstack_state(self, state: State) -> list[State]:
         rows = split_rows(state, self.POOL_DIMS)
-        per_block = [list(zip(k.split(1), v.split(1), strict=True)) for k, v in state["kv"]]
+        per_block = [
+            [(k_row.clone(), v_row.clone()) for k_row, v_row in zip(k.split(1), v.split(1), strict=True)]
+            for k, v in state["kv"]
+        ]
         for i, row in enumerate(rows):
             row["kv"] = [kvs[i] for kvs in per_block]
         return rows

@@ -59,12 +59,12 @@ def sequence_params(params: dict[str, Any]) -> SequenceParams | None:
     """The sequence a request belongs to, or None (no ``sequence_id``, or Triton's 0 or "": none)."""
     seq_id = params.get("sequence_id")
     start, end = flag(params, "sequence_start", False), flag(params, "sequence_end", False)
+    if seq_id is not None and (isinstance(seq_id, bool) or not isinstance(seq_id, int | str)):
+        raise BadInput(f"sequence_id must be an integer or a string, got {seq_id!r}")
     if seq_id is None or seq_id == 0 or seq_id == "":
         if start or end:
             raise BadInput("sequence_start and sequence_end need a sequence_id")
         return None
-    if isinstance(seq_id, bool) or not isinstance(seq_id, int | str):
-        raise BadInput(f"sequence_id must be an integer or a string, got {seq_id!r}")
     return SequenceParams(seq_id, start, end)
 
 

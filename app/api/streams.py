@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import reprlib
 import secrets
 import time
 from collections.abc import MutableMapping
@@ -32,11 +33,11 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from app.api.connections import CLOSING
 from app.api.errors import status_of
-from app.errors import BadInput, NotFound
+from app.errors import BadInput, NotFound, Overloaded, TooLarge
 from app.served import ServedModel
 from app.service import Service
 from app.streams import Step, Stepped, Stream
-from media import InputError, decode_image
+from media import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ SUBPROTOCOL = "fusionserve"  # offered by browsers, with "bearer.<key>" when a k
 KEY_PREFIX = "bearer."
 CONTROLS = {"reset", "every", "top_k"}
 UNREAD = "answers not read"
+MAX_CONTROL = 4096  # characters of a text message
+FLUSH_S = 10.0  # at most this long to write the answers of a closing stream (a client may not read them)
 
 
 class Refused(Exception):
@@ -53,7 +56,12 @@ class Refused(Exception):
 
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
-        self.code, self.reason = code, reason[:120]  # a close frame's reason is at most 123 bytes
+        self.code, self.reason = code, clip_reason(reason)
+
+
+def clip_reason(reason: str) -> str:
+    """A close frame's reason: at most 123 bytes of UTF-8."""
+    return reason.encode()[:120].decode(errors="ignore")
 
 
 @dataclass
@@ -80,9 +88,10 @@ class Outgoing:
     error: Exception | None = None
     decode_s: float = 0.0
     top_k: int = 5
+    held: bool = True  # holds a place in STREAM_QUEUE until it is written
 
 
-END = Outgoing(None, 0.0)
+END = Outgoing(None, 0.0, held=False)
 
 
 def offered_key(websocket: WebSocket) -> str | None:
@@ -183,17 +192,20 @@ class Session:
         closing = asyncio.create_task((asyncio.Event() if protocol is None else protocol.closing).wait())
         writer = asyncio.create_task(self.write())
         try:
-            ending = await self.read(closing)
+            ending = await self.read(closing, writer)
             self.answers.put_nowait(END)
             # every frame received is answered, then the stream closes; a client that reads no answers
-            # for STREAM_IDLE_S holds neither its place nor its socket
+            # holds neither its place nor its socket
             unread = ending is not None and ending[1].startswith(UNREAD)
-            await asyncio.wait((writer,), timeout=0 if unread else self.settings.stream_idle_s)
+            flush = 0.0 if unread else min(self.settings.stream_idle_s, FLUSH_S)
+            await asyncio.wait((writer,), timeout=flush)
             if not writer.done():
                 log.info("closing a stream whose client reads no answers")
                 self.connected = False
                 if protocol is not None:
                     protocol.transport.abort()  # a close frame would wait behind the unread answers
+            elif writer.exception() is not None:
+                log.error("a stream's writer failed", exc_info=writer.exception())
             elif ending is not None and self.connected:
                 await self.close(*ending)
         finally:
@@ -207,52 +219,64 @@ class Session:
     async def close(self, code: int, reason: str) -> None:
         if self.ws.client_state is WebSocketState.CONNECTED:
             with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):  # the client left first
-                await self.ws.close(code, reason)
+                await self.ws.close(code, clip_reason(reason))
 
-    async def read(self, closing: asyncio.Task[Any]) -> tuple[int, str] | None:
+    async def read(self, closing: asyncio.Task[Any], writer: asyncio.Task[None]) -> tuple[int, str] | None:
         """Read until the client leaves (None), or the stream idles or the server shuts down (a close code
         and reason). Only a wait for the next message is cut short: a frame read is always answered."""
         idle = self.settings.stream_idle_s
-        while True:
-            receiving = asyncio.ensure_future(self.ws.receive())
-            await asyncio.wait((receiving, closing), timeout=idle, return_when=asyncio.FIRST_COMPLETED)
-            if not receiving.done():
-                receiving.cancel()
+        receiving: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                receiving = asyncio.ensure_future(self.ws.receive())
+                await asyncio.wait((receiving, closing, writer), timeout=idle, return_when=asyncio.FIRST_COMPLETED)
+                if not receiving.done():
+                    if closing.done():
+                        return 1001, "the server is shutting down"
+                    if writer.done():
+                        return 1011, "the server could not answer this stream"
+                    return 1000, f"idle: no message for {idle:g} s"
+                message = receiving.result()
+                if message["type"] == "websocket.disconnect":
+                    self.connected = False
+                    return None
+                try:
+                    await self.take(message)
+                except TimeoutError:  # its answers have not been read for STREAM_IDLE_S: a place held for nothing
+                    return 1008, f"{UNREAD} for {idle:g} s"
                 if closing.done():
-                    return 1001, "the server is shutting down"
-                return 1000, f"idle: no message for {idle:g} s"
-            message = receiving.result()
-            if message["type"] == "websocket.disconnect":
-                self.connected = False
-                return None
-            try:
-                await self.take(message)
-            except TimeoutError:  # its answers have not been read for STREAM_IDLE_S: a place held for nothing
-                return 1008, f"{UNREAD} for {idle:g} s"
-            if closing.done():
-                return 1001, "the server is shutting down"  # the last message read is answered; no more is read
+                    return 1001, "the server is shutting down"  # the last message read is answered; no more is read
+        finally:
+            if receiving is not None and not receiving.done():
+                receiving.cancel()
 
     async def take(self, message: MutableMapping[str, Any]) -> None:
         if message.get("bytes") is not None:
             await self.frame(message["bytes"])
         elif message.get("text") is not None:
+            # a control's error answer holds a place in STREAM_QUEUE as a frame's does
+            await asyncio.wait_for(self.slots.acquire(), self.settings.stream_idle_s)
             self.control(message["text"])
 
     def control(self, text: str) -> None:
+        """Apply a JSON control; a bad one is answered with an error (its slot is the writer's to free)."""
         try:
+            if len(text) > MAX_CONTROL:
+                raise BadInput(f"a control is a small JSON object; this text message has {len(text)} characters")
             try:
                 values = json.loads(text)
             except ValueError as exc:
                 raise BadInput(f"a text message must be a JSON control: {exc}") from exc
             if not isinstance(values, dict) or not values or set(values) - CONTROLS:
                 unknown = sorted(set(values) - CONTROLS) if isinstance(values, dict) else values
-                raise BadInput(f"unknown control {unknown!r}; controls are {sorted(CONTROLS)}")
+                raise BadInput(f"unknown control {reprlib.repr(unknown)}; controls are {sorted(CONTROLS)}")
             if "reset" in values and values["reset"] is not True:
-                raise BadInput(f"reset must be true, got {values['reset']!r}")
+                raise BadInput(f"reset must be true, got {reprlib.repr(values['reset'])}")
             self.options.update(values)
         except BadInput as exc:
-            self.answers.put_nowait(Outgoing(None, time.perf_counter(), error=exc))
+            self.answers.put_nowait(Outgoing(None, time.perf_counter(), error=exc, held=True))
             return
+        self.slots.release()  # applied: nothing to answer
         if values.get("reset"):
             self.index, self.reset = 0, True
 
@@ -266,7 +290,7 @@ class Session:
         out = Outgoing(index, received, top_k=self.options.top_k)
         try:
             pixels = await self.decode(data, index)
-        except InputError as exc:
+        except Exception as exc:  # that frame's error (a domain error's status, else internal): the stream goes on
             out.error = exc
         else:
             out.decode_s = time.perf_counter() - received
@@ -277,10 +301,16 @@ class Session:
         self.answers.put_nowait(out)
 
     async def decode(self, data: bytes, index: int) -> np.ndarray:
-        """One frame on a decode thread, its bytes held against the server's memory budget meanwhile."""
+        """One frame on a decode thread, its bytes held against the server's memory budget meanwhile:
+        while the budget is spent the stream waits, unread, up to ``STREAM_IDLE_S``."""
         budget = self.service.budget
+        if len(data) > budget.total:
+            raise TooLarge(f"frame {index} of {len(data)} bytes is more than MAX_INFLIGHT_MB")
+        deadline = time.monotonic() + self.settings.stream_idle_s
         while not budget.reserve(len(data)):
-            await asyncio.sleep(0.01)  # the server's budget is spent: this stream waits, unread
+            if time.monotonic() > deadline:
+                raise Overloaded(f"the server holds {budget.used >> 20} MB of requests in flight; frame {index} waited")
+            await asyncio.sleep(0.01)
         try:
             target = self.served.target
             return await self.service.intake.off_loop(
@@ -295,7 +325,7 @@ class Session:
             try:
                 message = await self.message(out)
             finally:
-                if out.index is not None:
+                if out.held:
                     self.slots.release()
             if message is not None and self.connected:
                 try:

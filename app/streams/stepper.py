@@ -21,16 +21,19 @@ the event loop that submitted them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
+from app.errors import NotReady
 from app.runtime import ModelRuntime
 from models import FusedClassifier
 from models.heads import State
@@ -99,8 +102,11 @@ class Stepper:
         return Stream(self.window)
 
     def submit(self, stream: Stream, step: Step) -> None:
-        """Queue ``step`` after the stream's earlier frames (from the event loop)."""
+        """Queue ``step`` after the stream's earlier frames (from the event loop); ``NotReady`` once the
+        stepper has stopped."""
         with self._cond:
+            if self._stopping or not self._thread.is_alive():
+                raise NotReady("the server is shutting down")
             stream.pending.append(step)
             if not stream.queued:
                 stream.queued = True
@@ -108,14 +114,14 @@ class Stepper:
                 self._cond.notify()
 
     def discard(self, stream: Stream) -> None:
-        """The stream has ended: frames of it not yet stepped are not, and its state goes."""
+        """The stream has ended: frames of it not yet stepped are not (their futures cancelled), and the
+        stepper thread, the only one that touches states, drops its state after its current batch."""
         with self._cond:
             stream.closed = True
-            for step in stream.pending:
-                step.future.get_loop().call_soon_threadsafe(_cancel, step.future)
+            dropped = list(stream.pending)
             stream.pending.clear()
-            stream.state = None
-            stream.window.clear()
+        for step in dropped:
+            _call(step.future, _cancel)
 
     def close(self) -> None:
         """Step every frame submitted, then stop the thread."""
@@ -155,17 +161,21 @@ class Stepper:
             except Exception as exc:  # a fault of the model, not of one frame: every frame of the batch learns it
                 log.exception("%s: a stream step failed", self.runtime.name)
                 for _, step in batch:
-                    step.future.get_loop().call_soon_threadsafe(_fail, step.future, exc)
+                    _call(step.future, _fail, exc)
                 continue
+            finally:
+                for stream, _ in batch:
+                    if stream.closed:  # discarded meanwhile: its state goes now, on this thread
+                        stream.state = None
+                        stream.window.clear()
             took = time.perf_counter() - started
-            self._on_batch(len(batch), took)
-            outcomes = [
-                (step.future, Stepped(p, started - step.submitted, took, len(batch)))
-                for (_, step), p in zip(batch, probs, strict=True)
-            ]
-            loop = batch[0][1].future.get_loop()
-            loop.call_soon_threadsafe(_settle, outcomes)
-            self._after_batch()
+            for (_, step), p in zip(batch, probs, strict=True):
+                _call(step.future, _settle, Stepped(p, started - step.submitted, took, len(batch)))
+            try:
+                self._on_batch(len(batch), took)
+                self._after_batch()
+            except Exception:  # housekeeping never stops the steps
+                log.exception("%s: after a step batch", self.runtime.name)
 
     def _step_batch(self, model: FusedClassifier, batch: list[tuple[Stream, Step]]) -> list[np.ndarray | None]:
         """Encode the batch's frames once, then step or window each stream (in the runtime's compute)."""
@@ -201,7 +211,7 @@ class Stepper:
             logits, after = head.step(feats[members], stacked)
             probs = logits.float().softmax(dim=-1).cpu().numpy()
             for i, state, p in zip(members, head.unstack_state(after), probs, strict=True):
-                streams[i].state = state
+                streams[i].state = as_float32(state)  # under bf16 autocast: not rounded frame after frame
                 rows[i] = p
         return rows
 
@@ -220,10 +230,26 @@ class Stepper:
         return dict(zip(wanted, probs, strict=True))
 
 
-def _settle(outcomes: list[tuple[asyncio.Future[Stepped], Stepped]]) -> None:
-    for future, outcome in outcomes:
-        if not future.done():
-            future.set_result(outcome)
+def as_float32(state: Any) -> Any:
+    """A state's floating tensors (in dicts, lists, tuples) as float32."""
+    if isinstance(state, torch.Tensor):
+        return state.float() if state.is_floating_point() else state
+    if isinstance(state, dict):
+        return {key: as_float32(value) for key, value in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(as_float32(value) for value in state)
+    return state
+
+
+def _call(future: asyncio.Future[Stepped], fn: Callable[..., None], *args: Any) -> None:
+    """``fn(future, *args)`` on the future's own event loop; nothing if that loop has closed."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for the answer
+        future.get_loop().call_soon_threadsafe(fn, future, *args)
+
+
+def _settle(future: asyncio.Future[Stepped], outcome: Stepped) -> None:
+    if not future.done():
+        future.set_result(outcome)
 
 
 def _cancel(future: asyncio.Future[Stepped]) -> None:

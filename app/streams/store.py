@@ -20,11 +20,13 @@ from app.streams.stepper import Step, Stepped, Stepper, Stream
 
 @dataclass
 class Sequence:
-    """One KServe v2 sequence: its stream on its model's stepper, and when a request last used it."""
+    """One KServe v2 sequence: its stream on its model's stepper, when a request last used it, and how
+    many requests are stepping it now (a sequence in use does not expire)."""
 
     stepper: Stepper
     stream: Stream
     used: float = field(default_factory=time.monotonic)
+    busy: int = 0
 
 
 class StreamStore:
@@ -64,34 +66,47 @@ class StreamStore:
         found.used = time.monotonic()
         return found, start
 
-    def end(self, model: str, sequence_id: Hashable) -> None:
-        found = self.sequences.pop((model, sequence_id), None)
-        if found is not None:
-            found.stepper.discard(found.stream)
+    def end(self, model: str, sequence_id: Hashable, sequence: Sequence | None = None) -> None:
+        """Close the sequence (only if it is still ``sequence``, when given: not one started since)."""
+        key = (model, sequence_id)
+        found = self.sequences.get(key)
+        if found is None or (sequence is not None and found is not sequence):
+            return
+        del self.sequences[key]
+        found.stepper.discard(found.stream)
 
     def expire(self, now: float | None = None) -> int:
         """Drop the sequences idle for ``idle_s``; how many went."""
         now = time.monotonic() if now is None else now
-        idle = [key for key, seq in self.sequences.items() if now - seq.used > self.idle_s]
+        idle = [key for key, seq in self.sequences.items() if not seq.busy and now - seq.used > self.idle_s]
         for key in idle:
             self.end(*key)
         return len(idle)
 
 
-async def append(sequence: Sequence, frames: np.ndarray, start: bool) -> np.ndarray:
+async def append(sequence: Sequence, frames: np.ndarray, start: bool, timeout_s: float) -> np.ndarray:
     """Step ``frames`` (T, H, W, C) uint8 through ``sequence`` (started over first when ``start``);
-    the probabilities (K,) after its last frame."""
+    the probabilities (K,) after its last frame. Every frame's step must succeed (else the first error
+    is raised) within ``timeout_s`` (``TimedOut``)."""
     loop = asyncio.get_running_loop()
-    last: asyncio.Future[Stepped] | None = None
-    for i, frame in enumerate(frames):
-        last = loop.create_future()
-        is_last = i == len(frames) - 1
-        sequence.stepper.submit(sequence.stream, Step(frame, start and i == 0, is_last, last))
-    assert last is not None, "a sequence request holds at least one frame"
-    await asyncio.wait((last,))
-    sequence.used = time.monotonic()
-    if last.cancelled():
-        raise TimedOut("the sequence ended (or expired) before its frames were stepped")
-    stepped = last.result()
+    futures: list[asyncio.Future[Stepped]] = []
+    sequence.busy += 1
+    try:
+        for i, frame in enumerate(frames):
+            futures.append(loop.create_future())
+            last = i == len(frames) - 1
+            sequence.stepper.submit(sequence.stream, Step(frame, start and i == 0, last, futures[-1]))
+        _, pending = await asyncio.wait(futures, timeout=timeout_s)
+    finally:
+        sequence.busy -= 1
+        sequence.used = time.monotonic()
+    if pending:
+        raise TimedOut(f"the sequence's {len(frames)} frames were not stepped within {timeout_s:g} s")
+    for future in futures:
+        if future.cancelled():
+            raise TimedOut("the sequence ended before its frames were stepped")
+        if future.exception() is not None:
+            raise future.exception()  # type: ignore[misc]
+    stepped = futures[-1].result()
     assert stepped.probs is not None
     return stepped.probs

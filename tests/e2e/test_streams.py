@@ -112,6 +112,32 @@ def test_reset_every_bad_frames_and_unknown_controls(server: str, clip: np.ndarr
         )
 
 
+def test_hostile_messages_get_their_own_error_and_the_stream_goes_on(server: str, clip: np.ndarray) -> None:
+    broken_exif = b"\xff\xd8Exif\x00\x00garbage"  # a JPEG start and an EXIF marker, then nothing
+
+    async def session() -> list[dict[str, Any]]:
+        async with connect(ws_url(server)) as ws:
+            await ws.send(broken_exif)
+            await ws.send("[" * 3000 + "]" * 3000)  # a text message too long for a control
+            await ws.send(encode(clip[0], "PNG"))
+            return [json.loads(await ws.recv()) for _ in range(3)]
+
+    bad_frame, bad_control, frame = asyncio.run(session())
+    assert bad_frame["frame"] == 0 and bad_frame["error"]["code"] == "bad_input"
+    assert "error" in bad_control and "frame" not in bad_control
+    assert frame["frame"] == 1 and "label" in frame
+    r = httpx.post(f"{server}/predict", files=[("frames", ("f.jpg", broken_exif, "image/jpeg"))])
+    assert r.status_code == 400, r.text
+    unknown = "модель-" * 30  # a close reason is cut to 123 bytes of UTF-8, not characters
+
+    async def unknown_model() -> tuple[int, str]:
+        async with connect(ws_url(server, f"/models/{unknown}/stream")) as ws:
+            return await closed_with(ws)
+
+    code, reason = asyncio.run(unknown_model())
+    assert code == 1008 and reason.startswith("no model named") and len(reason.encode()) <= 123
+
+
 def test_streams_at_once_are_stepped_in_shared_batches(server: str, clip: np.ndarray) -> None:
     async def many() -> list[list[dict[str, Any]]]:
         return await asyncio.gather(*(stream_answers(server, clip[i : i + 12]) for i in range(8)))
@@ -174,6 +200,14 @@ def test_kserve_sequences_by_string_id_and_their_errors(server: str, clip: np.nd
         json={
             "inputs": [{"name": "frames", "datatype": "UINT8", "shape": [1, 1, 32, 32, 3], "data": [0] * 3072}],
             "parameters": {"sequence_id": [1]},
+        },
+    )
+    assert r.status_code == 400 and "sequence_id" in r.json()["error"]
+    r = httpx.post(
+        f"{server}/v2/models/{LSTM}/infer",
+        json={
+            "inputs": [{"name": "frames", "datatype": "UINT8", "shape": [1, 1, 32, 32, 3], "data": [0] * 3072}],
+            "parameters": {"sequence_id": False},  # not "no sequence": not an id at all
         },
     )
     assert r.status_code == 400 and "sequence_id" in r.json()["error"]
