@@ -14,7 +14,8 @@ The same measurement sets when a second instance (``INSTANCES``, CPU) joins a bu
 (``share_from``): once a quarter of a batch waits when batching gains more than the
 tolerance over single clips, so that such a model keeps batching under load; at once when
 it does not, because two single-clip passes side by side then beat one pass on both threads.
-docs/performance.md gives the measurements behind both rules.
+docs/performance.md gives the measurements behind both rules. The stream steppers' batch cap is
+chosen the same way, with a step batch (one frame per stream) as the forward pass.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from media import FrameFormat, Limits
 from models import CheckpointError, default_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
+STEP_BUDGET_MS = 50.0  # the longest step batch autotune keeps: half of a stream frame's 100 ms
 
 
 @dataclass
@@ -147,8 +148,27 @@ def serve(runtime: ModelRuntime, s: Settings, metrics: Metrics, release: HeapRel
     metrics.queue_depth.labels(name).set_function(partial(getattr, batcher, "depth"))
     limits = Limits(max_frames=s.max_frames, max_pixels=s.max_pixels, max_decoded=s.max_decoded_frames)
     stepper = Stepper(runtime, s.stream_max_batch, on_batch=metrics.step_observer(name), after_batch=release.tick)
+    tune_steps(stepper, s)
     target = Target(FrameFormat.of(runtime.spec), runtime.spec.frames, limits)
     return ServedModel(runtime, batcher, target, stepper, tuning)
+
+
+def tune_steps(stepper: Stepper, s: Settings) -> None:
+    """Measure step batches of 1, 2, 4, ... frames up to STREAM_MAX_BATCH (unless it was set) and keep the
+    largest within 20% of the best frames/s and within ``STEP_BUDGET_MS``: past a size, a step batch's
+    frames/s falls (its activations outgrow the caches), so the cap is measured, as the clip batches' is."""
+    if not s.autotune or s.is_set("stream_max_batch"):
+        return
+    spec = stepper.runtime.spec
+    choice = choose_batch_limits(
+        stepper.probe,
+        frames=1,
+        shape=(spec.channels, spec.height, spec.width),
+        budget_ms=STEP_BUDGET_MS,
+        max_size=s.stream_max_batch,
+    )
+    stepper.max_batch, stepper.tuning = choice.max_batch_size, choice.to_dict()
+    log.info("%s: step batches of at most %d frames", stepper.runtime.name, stepper.max_batch)
 
 
 def batch_limits(runtime: ModelRuntime, s: Settings) -> tuple[int, int, dict[str, Any] | None]:

@@ -115,11 +115,14 @@ class ModelRuntime:
         return Done(self.threads.run(self._cpu_probs, frames, lengths))
 
     @torch.inference_mode()
-    def compute(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(model, *args)`` at the model's precision, on its share of the CPU threads, synchronously
-        (streams and timelines: the encoder and head steps outside the clip batcher)."""
+    def compute(self, fn: Callable[..., T], *args: Any, narrow: bool = False) -> T:
+        """``fn(model, *args)`` at the model's precision, on its share of the CPU threads (``narrow``: on
+        one, ``CpuThreads.run_narrow``), synchronously (streams and timelines: the encoder and head
+        steps outside the clip batcher)."""
         if self.threads is None or self.device.type != "cpu":
             return self._compute(fn, args)
+        if narrow:
+            return self.threads.run_narrow(self._compute, fn, args)
         return self.threads.run(self._compute, fn, args)
 
     @torch.inference_mode()  # on whichever thread runs it

@@ -110,7 +110,7 @@ class StreamSettings(BaseModel):
     max_streams: int = Field(256, ge=1, description="open streams and KServe sequences, server-wide; past it 1013/503")
     stream_idle_s: float = Field(60.0, gt=0, description="a stream or sequence with no frame for this long is closed")
     stream_queue: int = Field(8, ge=1, description="frames a stream may have waiting before its socket is not read")
-    stream_max_batch: int = Field(64, ge=1, description="most frames in one cross-stream step batch")
+    stream_max_batch: int = Field(64, ge=1, description="most frames in one cross-stream step batch (set: no autotune)")
     max_timeline_frames: int = Field(20_000, ge=1, description="most frames a timeline samples from one video")
     max_video_mb: float = Field(256.0, gt=0, description="largest video a timeline request may upload")
 

@@ -64,8 +64,17 @@ class CpuThreads:
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` at this pass's share of the threads: on the lane when it gets them all."""
+        return self._run(fn, args, narrow=False)
+
+    def run_narrow(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on this thread, on one torch thread: for a small pass after a pause, whose team
+        of threads would have gone to sleep (on a virtual machine, waking it can cost ten times the
+        pass: docs/streams.md)."""
+        return self._run(fn, args, narrow=True)
+
+    def _run(self, fn: Callable[..., T], args: tuple[Any, ...], narrow: bool) -> T:
         if self._lane is None:
-            return self._run_here(fn, args)
+            return self._run_here(fn, args, narrow)
         with self._cond:
             # a pass on every thread is not joined by another, which would put one thread more than
             # there are cores to work beside its spinning team: wait for it (it is the faster of the two)
@@ -74,8 +83,10 @@ class CpuThreads:
                 self._cond.wait()
             self._waiting -= 1
             self._running += 1
-            wide = self._wide = self._running == 1 and self._waiting == 0
+            wide = self._wide = self._running == 1 and self._waiting == 0 and not narrow
             threads = self.total if wide else max(1, self.total // (self._running + self._waiting))
+            if narrow:
+                threads = 1
         try:
             if wide:
                 return self._lane.submit(fn, *args).result()
@@ -89,10 +100,10 @@ class CpuThreads:
                     self._wide = False
                     self._cond.notify_all()
 
-    def _run_here(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    def _run_here(self, fn: Callable[..., T], args: tuple[Any, ...], narrow: bool = False) -> T:
         with self._cond:
             self._running += 1
-            threads = max(1, self.total // self._running)
+            threads = 1 if narrow else max(1, self.total // self._running)
         torch.set_num_threads(threads)
         try:
             return fn(*args)

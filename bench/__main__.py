@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import ceiling, compare, data_pipeline, heap, serve, timeline
+from bench import ceiling, compare, data_pipeline, heap, serve, streams, timeline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     data_pipeline.add_parser(sub)
     heap.add_parser(sub)
     serve.add_parser(sub)
+    streams.add_parser(sub)
     timeline.add_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))

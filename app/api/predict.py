@@ -128,6 +128,8 @@ def model_info(service: Service, served: ServedModel) -> ModelInfo:
             "mode": served.stepper.mode,
             "window": served.stepper.window if served.stepper.mode == "window" else None,
             "max_batch": served.stepper.max_batch,
+            "autotuned": served.stepper.tuning is not None,
+            "tuning": served.stepper.tuning,
         },
     )
 

@@ -40,6 +40,9 @@ from models.heads import State
 
 log = logging.getLogger(__name__)
 
+NARROW_FRAMES = 2  # a step batch of at most this many frames ...
+NARROW_PAUSE_S = 0.01  # ... this long after the last one ended runs on one thread
+
 
 @dataclass(frozen=True)
 class Stepped:
@@ -86,6 +89,7 @@ class Stepper:
         after_batch: Callable[[], object] | None = None,
     ) -> None:
         self.runtime, self.max_batch = runtime, max_batch
+        self.tuning: dict[str, Any] | None = None  # what autotune measured, when it chose max_batch
         self._after_batch = after_batch or (lambda: None)
         self.mode = "step" if runtime.checkpoint.model.head.steps_bounded else "window"
         self.window = runtime.spec.frames
@@ -131,6 +135,20 @@ class Stepper:
         if self._thread.is_alive():
             self._thread.join()
 
+    def probe(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """One step batch of ``lengths.numel()`` new streams, frames (B, C, H, W) uint8, as ``_step_batch``
+        runs it (the encoder, then a head step or the head on windows of ``window`` frames): what
+        ``app.autotune`` times to choose ``max_batch``."""
+        return self.runtime.compute(self._probe, frames)
+
+    def _probe(self, model: FusedClassifier, frames: torch.Tensor) -> torch.Tensor:
+        feats = model.forward_features(frames.to(model.mean.device))  # (B, D)
+        head, batch = model.head, feats.shape[0]
+        if self.mode == "step":
+            return head.step(feats, head.init_state(batch, device=feats.device))[0]
+        windows = feats.repeat_interleave(self.window, dim=0)  # (B * window, D): full windows
+        return model.forward_head(windows, torch.full((batch,), self.window))
+
     def _take(self) -> list[tuple[Stream, Step]] | None:
         """The oldest frame of each of up to ``max_batch`` streams, in turn; None once closed and empty."""
         with self._cond:
@@ -154,10 +172,14 @@ class Stepper:
                     return batch
 
     def _work(self) -> None:
+        ended = 0.0  # when the last batch ended
         while (batch := self._take()) is not None:
             started = time.perf_counter()
+            # a small batch after a pause runs on one thread: the team of two would have gone to sleep,
+            # and waking it takes longer than the batch (docs/streams.md: a lone stream)
+            narrow = len(batch) <= NARROW_FRAMES and started - ended > NARROW_PAUSE_S
             try:
-                probs = self.runtime.compute(self._step_batch, batch)
+                probs = self.runtime.compute(self._step_batch, batch, narrow=narrow)
             except Exception as exc:  # a fault of the model, not of one frame: every frame of the batch learns it
                 log.exception("%s: a stream step failed", self.runtime.name)
                 for _, step in batch:
@@ -168,7 +190,8 @@ class Stepper:
                     if stream.closed:  # discarded meanwhile: its state goes now, on this thread
                         stream.state = None
                         stream.window.clear()
-            took = time.perf_counter() - started
+            ended = time.perf_counter()
+            took = ended - started
             for (_, step), p in zip(batch, probs, strict=True):
                 _call(step.future, _settle, Stepped(p, started - step.submitted, took, len(batch)))
             try:

@@ -145,3 +145,14 @@ def test_without_the_wide_lane_the_default_for_threads_started_later_is_left_at_
     fresh.start()
     fresh.join(10)
     assert seen == [before]
+
+
+def test_a_narrow_pass_runs_on_its_caller_on_one_thread_with_or_without_the_lane(keep_torch_threads: int) -> None:
+    for lane in (True, False):
+        budget = CpuThreads(2, wide_lane=lane)
+        try:
+            name, threads = budget.run_narrow(where)
+            assert name == threading.current_thread().name and threads == 1, lane
+            assert budget.run(where)[1] == 2  # a pass that is not narrow still gets every thread alone
+        finally:
+            budget.close()

@@ -82,7 +82,7 @@ async def one_stream(url: str, n: int, frames: list[bytes]) -> dict[str, Any]:
 
 def test_many_streams_each_frame_answered_once_in_order_and_memory_returns() -> None:
     frames = frames_jpeg(FRAMES)
-    with spawn_server("--memory-trim-s", "2") as (proc, url):
+    with spawn_server("--memory-trim-s", "2", "--stream-max-batch", "64") as (proc, url):
 
         async def run(count: int, length: int) -> list[dict[str, Any]]:
             return await asyncio.gather(*(one_stream(url, n, frames[:length]) for n in range(count)))
