@@ -352,22 +352,23 @@ class Session:
             return None  # not an N-th frame
         took = time.perf_counter() - out.received
         self.frame_seconds.observe(took)
-        return json.dumps(self.answer(out, stepped, took))
+        return json.dumps(answer(self.served.labels, out, stepped, took))
 
-    def answer(self, out: Outgoing, stepped: Stepped, took: float) -> dict[str, Any]:
-        probs = stepped.probs.tolist()  # type: ignore[union-attr]
-        labels = self.served.labels
-        order = sorted(range(len(probs)), key=lambda i: -probs[i])
-        return {
-            "frame": out.index,
-            "label": labels[order[0]],
-            "probabilities": dict(zip(labels, probs, strict=True)),
-            "top_k": [{"label": labels[i], "probability": probs[i]} for i in order[: out.top_k]],
-            "timing_ms": {
-                "decode": round(out.decode_s * 1000, 3),
-                "queue": round(stepped.queue_s * 1000, 3),
-                "step": round(stepped.step_s * 1000, 3),
-                "total": round(took * 1000, 3),
-            },
-            "batch": stepped.batch,
-        }
+
+def answer(labels: list[str], out: Outgoing, stepped: Stepped, took: float) -> dict[str, Any]:
+    """A frame's answer message."""
+    probs = stepped.probs.tolist()  # type: ignore[union-attr]
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    return {
+        "frame": out.index,
+        "label": labels[order[0]],
+        "probabilities": dict(zip(labels, probs, strict=True)),
+        "top_k": [{"label": labels[i], "probability": probs[i]} for i in order[: out.top_k]],
+        "timing_ms": {
+            "decode": round(out.decode_s * 1000, 3),
+            "queue": round(stepped.queue_s * 1000, 3),
+            "step": round(stepped.step_s * 1000, 3),
+            "total": round(took * 1000, 3),
+        },
+        "batch": stepped.batch,
+    }
