@@ -37,9 +37,9 @@ def test_a_stream_discarded_mid_batch_leaves_the_others_answers(default_ckpt: Pa
     streams = [stepper.open() for _ in range(4)]
     original = runtime.compute
 
-    def discarding(fn: Any, batch: Any) -> Any:  # the client of stream 1 leaves while its frame is stepped
+    def discarding(fn: Any, batch: Any, **kw: Any) -> Any:  # the client of stream 1 leaves while it is stepped
         stepper.discard(streams[1])
-        return original(fn, batch)
+        return original(fn, batch, **kw)
 
     runtime.compute = discarding  # type: ignore[method-assign]
     stepper.start()
