@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import ceiling, compare, data_pipeline, heap, serve, streams, timeline
+from bench import ceiling, compare, data_pipeline, heap, rollout, serve, streams, timeline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_parser(sub)
     data_pipeline.add_parser(sub)
     heap.add_parser(sub)
+    rollout.add_parser(sub)
     serve.add_parser(sub)
     streams.add_parser(sub)
     timeline.add_parser(sub)
