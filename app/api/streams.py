@@ -6,7 +6,7 @@ start or the last reset) is answered with ``{"frame": i, "label", "probabilities
 "timing_ms"}``, or ``{"frame": i, "error": {"code", "message"}}`` when it cannot be decoded; the
 stream goes on either way. docs/streams.md has the whole contract.
 
-A session reads and answers on two tasks: the reader decodes each frame on a decode thread and
+A stream is read and answered on two tasks: the reader decodes each frame on a decode thread and
 hands it to its model's stepper (``app.streams``); the writer sends the answers in order. At most
 ``STREAM_QUEUE`` frames are unanswered: past them the reader stops reading, so the socket's flow
 control slows a fast sender instead of frames being dropped. Close codes: 1000 idle
@@ -188,7 +188,7 @@ class Session:
     async def run(self) -> None:
         protocol = self.ws.scope.get(CLOSING)
         if protocol is not None:
-            protocol.app_finishes = True  # shutdown sets its event, and this session closes (1001)
+            protocol.app_finishes = True  # shutdown sets its event, and this stream closes (1001)
         closing = asyncio.create_task((asyncio.Event() if protocol is None else protocol.closing).wait())
         writer = asyncio.create_task(self.write())
         try:
