@@ -126,10 +126,12 @@ async def infer_version(name: str, version: str, request: Request, service: Serv
 
 async def in_sequence(service: Service, served: ServedModel, params: SequenceParams, clip: torch.Tensor) -> np.ndarray:
     """Append ``clip`` (T, C, H, W) to its sequence (docs/streams.md): the probabilities after its last frame."""
-    sequence, start = service.streams.sequence(served.stepper, served.name, params.id, params.start)
+    sequence = service.streams.sequence(served.stepper, served.name, params.id, params.start)
     ending = params.end
     try:
-        return await append(sequence, clip.permute(0, 2, 3, 1).numpy(), start, service.settings.request_timeout_s)
+        return await append(
+            sequence, clip.permute(0, 2, 3, 1).numpy(), params.start, service.settings.request_timeout_s
+        )
     except Exception:
         ending = True  # its state no longer follows what the client sent: a next request must start over
         raise

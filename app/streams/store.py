@@ -49,9 +49,9 @@ class StreamStore:
     def release(self) -> None:
         self.streams -= 1
 
-    def sequence(self, stepper: Stepper, model: str, sequence_id: Hashable, start: bool) -> tuple[Sequence, bool]:
+    def sequence(self, stepper: Stepper, model: str, sequence_id: Hashable, start: bool) -> Sequence:
         """The sequence ``sequence_id`` of ``model``: started over when ``start`` (a new one if it is not
-        open); else the open one, or ``BadInput`` when there is none. Returns it and whether it starts."""
+        open); else the open one, or ``BadInput`` when there is none."""
         key = (model, sequence_id)
         found = self.sequences.get(key)
         if found is None and not start:
@@ -64,7 +64,7 @@ class StreamStore:
                 raise Overloaded(f"{self.open} streams and sequences are open (MAX_STREAMS={self.max_streams})")
             found = self.sequences[key] = Sequence(stepper, stepper.open())
         found.used = time.monotonic()
-        return found, start
+        return found
 
     def end(self, model: str, sequence_id: Hashable, sequence: Sequence | None = None) -> None:
         """Close the sequence (only if it is still ``sequence``, when given: not one started since)."""
