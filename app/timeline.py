@@ -5,40 +5,34 @@ The frames are sampled at ``fps`` in one pass over the video (``media.video.Samp
 go through the encoder in chunks as they are decoded; only their features (N, D) are kept, so a
 sampled frame is decoded and encoded once however many windows it falls in, and memory holds one
 chunk of pixels at a time. The head then runs on every window of features, many windows a call.
-Both run through the model's runtime (``ModelRuntime.compute``: its precision, its share of the
-CPU threads), beside the clip batcher, on a decode thread: a video's timeline takes its turn
-among the video decodes (``VideoShare``), so images keep a thread. ``DECODE_TIMEOUT_S`` bounds the
-whole of it, and it stops between frames once its request has timed out or its client has left.
+Both run through the model's runtime beside the clip batcher, as a job on a decode thread
+(``app.jobs``: a video's timeline takes its turn among the video decodes, ``DECODE_TIMEOUT_S``
+bounds the whole of it, and it stops between frames once its request has ended).
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import itertools
-import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
 
 import numpy as np
 import torch
 
 from app.decoding import Decoders
-from app.errors import ClientGone, NotReady, TimedOut, WrongShape
+from app.errors import WrongShape
 from app.intake import Disconnected
+from app.jobs import run_job
 from app.preprocess import array_to_clip
 from app.runtime import ModelRuntime
 from app.served import ServedModel
-from app.uploads import Parsed, Stop, Target, Upload, decode_each, parse_upload
+from app.uploads import Parsed, Stop, Target, Upload, decode_each
 from media import Stopped
 from media.video import SampledVideo
 from models import FusedClassifier
 
-T = TypeVar("T")
 CHUNK = 64  # sampled frames per encoder call, and windows per head call
 
 
@@ -142,7 +136,9 @@ def classify(model: FusedClassifier, feats: torch.Tensor, starts: torch.Tensor, 
     return model.forward_head(windows, lengths).float().softmax(dim=-1).cpu()
 
 
-def build_timeline(runtime: ModelRuntime, parsed: Parsed, target: Target, placement: Placement, stop: Stop) -> Timeline:
+def build_timeline(
+    runtime: ModelRuntime, parsed: Parsed, *, target: Target, placement: Placement, stop: Stop
+) -> Timeline:
     """The timeline of a parsed upload (blocking: on a decode thread). ``target`` holds the timeline's
     limits (``timeline_target``); ``stop`` is asked between frames."""
     frames, duration = sampled_frames(parsed, target, placement.fps, stop)
@@ -160,41 +156,6 @@ def build_timeline(runtime: ModelRuntime, parsed: Parsed, target: Target, placem
     return Timeline(placement.fps, duration(), count, starts, length, torch.cat(probs).numpy())
 
 
-def submit(decoders: Decoders, upload: Upload, target: Target, work: Callable[[Parsed], T], stop: Stop) -> Future[T]:
-    """``work(parsed upload)`` on a decode thread, as the decode threads run a /predict upload: parsed on
-    any of them, a video then in its turn among the video decodes (``VideoShare``: all threads but
-    one), without holding a thread while it waits. A job whose request has ended does not start."""
-    result: Future[T] = Future()
-
-    def run(parsed: Parsed) -> None:
-        try:
-            if stop():
-                raise Stopped("the timeline is no longer wanted")
-            result.set_result(work(parsed))
-        except Exception as exc:
-            result.set_exception(exc)
-
-    def parse() -> None:
-        try:
-            if stop():
-                raise Stopped("the timeline is no longer wanted")
-            parsed = parse_upload(upload, target)
-        except Exception as exc:
-            result.set_exception(exc)
-            return
-        job = partial(run, parsed)
-        if parsed.video is None:
-            job()
-        elif decoders.videos.admit(job):
-            decoders.videos.run(job)
-
-    try:
-        decoders.pool.submit(parse)
-    except RuntimeError as exc:  # the pool is shut down: the server is stopping
-        raise NotReady("the server is shutting down") from exc
-    return result
-
-
 async def timeline(
     decoders: Decoders,
     served: ServedModel,
@@ -208,35 +169,8 @@ async def timeline(
     """The timeline of ``upload`` with ``served``'s model, at most ``max_frames`` sampled frames
     (MAX_TIMELINE_FRAMES), done within ``timeout_s`` (DECODE_TIMEOUT_S) or ``TimedOut``; a client that
     leaves stops it (``ClientGone``)."""
-    deadline = time.monotonic() + timeout_s
-    ended = threading.Event()
-
-    def stop() -> bool:
-        return ended.is_set() or time.monotonic() > deadline
-
     target = timeline_target(served.target, max_frames)
-    work = partial(build_timeline, served.runtime, target=target, placement=placement, stop=stop)
-    waiter = asyncio.wrap_future(submit(decoders, upload, target, work, stop))
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        done, _ = await asyncio.wait((waiter, watcher), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        if waiter in done:
-            try:
-                return waiter.result()
-            except Stopped as exc:  # its thread saw the deadline first
-                raise TimedOut(f"the timeline was not done within {timeout_s:g} s") from exc
-        if watcher in done:
-            raise ClientGone()
-        raise TimedOut(f"the timeline was not done within {timeout_s:g} s")
-    finally:
-        watcher.cancel()
-        if watcher.done() and not watcher.cancelled():
-            watcher.exception()  # retrieved: a receive that failed means the connection is gone too
-        if not waiter.done():
-            ended.set()  # its thread stops at its next frame; nobody awaits the outcome
-            waiter.add_done_callback(_retrieve)
-
-
-def _retrieve(future: asyncio.Future[Timeline]) -> None:
-    if not future.cancelled():
-        future.exception()
+    work = partial(build_timeline, served.runtime, target=target, placement=placement)
+    return await run_job(
+        decoders, upload, target, work, what="timeline", timeout_s=timeout_s, disconnected=disconnected
+    )

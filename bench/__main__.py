@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import ceiling, compare, data_pipeline, heap, rollout, serve, streams, timeline
+from bench import ceiling, compare, data_pipeline, explain, heap, rollout, serve, streams, timeline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     ceiling.add_parser(sub)
     compare.add_parser(sub)
     data_pipeline.add_parser(sub)
+    explain.add_parser(sub)
     heap.add_parser(sub)
     rollout.add_parser(sub)
     serve.add_parser(sub)

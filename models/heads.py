@@ -71,6 +71,11 @@ class TemporalHead(nn.Module):
     def step(self, feat: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         raise NotImplementedError(f"{type(self).__name__} is not causal and cannot stream")
 
+    def pooling_weights(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
+        """feats: (B, T, D), lengths: (B,) -> the weight pooling gives each frame (B, T), for heads that
+        pool by learned weights (attention pooling); None for the others."""
+        return None
+
     def extra_flops(self, length: int) -> int:
         """FLOPs that torch's flop counter misses (fused RNN kernels) for a clip of ``length``."""
         return 0
@@ -288,6 +293,12 @@ class AttentionHead(TemporalHead):
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """feats: (B, T, D), lengths: (B,) -> logits (B, K)."""
+        h, valid = self.hidden(feats, lengths)
+        return self.fc(self.pool(h, valid))
+
+    def hidden(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats: (B, T, D), lengths: (B,) -> the last block's normalised output (B, T', dim) and which
+        of its positions are real (B, T') bool; T' is T + 1 with a CLS token first."""
         valid = length_mask(lengths, feats.shape[1])  # (B, T)
         x = self.embed(feats, 0)  # (B, T, dim)
         if self.cls is not None:
@@ -296,8 +307,7 @@ class AttentionHead(TemporalHead):
         allowed = self.allowed_mask(valid)
         for block in self.blocks:
             x = block(x, allowed).masked_fill(~valid[..., None], 0.0)
-        h = self.norm(x)  # (B, T', dim)
-        return self.fc(self.pool(h, valid))
+        return self.norm(x), valid
 
     def pool(self, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """h: (B, T, dim), valid: (B, T) -> (B, dim)."""
@@ -305,9 +315,18 @@ class AttentionHead(TemporalHead):
             return h[:, 0]
         if self.score is None:  # mean
             return h.masked_fill(~valid[..., None], 0.0).sum(1) / valid.sum(1, keepdim=True)
+        return torch.einsum("bt,btd->bd", self.score_weights(h, valid), h)
+
+    def score_weights(self, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """h: (B, T, dim), valid: (B, T) -> attention pooling's weight of each frame (B, T), 0 on padding."""
+        assert self.score is not None, "only attention pooling weighs its frames"
         scores = self.score(h).squeeze(-1).masked_fill(~valid, float("-inf"))  # (B, T)
-        weights = scores.softmax(dim=1)
-        return torch.einsum("bt,btd->bd", weights, h)
+        return scores.softmax(dim=1)
+
+    def pooling_weights(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
+        if self.score is None:
+            return None
+        return self.score_weights(*self.hidden(feats, lengths))
 
     def init_state(self, batch: int, device: torch.device | None = None) -> State:
         if not self.causal:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
@@ -12,7 +12,7 @@ from app.api.deps import ServiceDep, disconnected, require_api_key
 from app.api.openapi import ERRORS, PREDICT_BODY
 from app.api.schemas import ModelInfo, ModelList, Prediction, Timing, TopK
 from app.errors import UnsupportedMedia
-from app.intake import Answer
+from app.explain import Explained, explain
 from app.served import ServedModel
 from app.service import Service
 from app.uploads import Upload
@@ -21,6 +21,10 @@ router = APIRouter(dependencies=[Depends(require_api_key)], tags=["predict"])
 
 TopKQuery = Annotated[int, Query(ge=1, le=1000, description="how many labels to list in top_k")]
 FramesQuery = Annotated[int | None, Query(ge=1, description="frames to sample from a video (default: the model's)")]
+ExplainQuery = Annotated[
+    Literal["frames"] | None,
+    Query(description="frames: add each frame's importance (leave-one-out) and attention pooling weights"),
+]
 
 
 async def read_upload(request: Request, frames: int | None) -> Upload:
@@ -37,35 +41,66 @@ async def read_upload(request: Request, frames: int | None) -> Upload:
 
 
 async def predict_with(
-    request: Request, service: Service, name: str | None, top_k: int, frames: int | None
+    request: Request, service: Service, name: str | None, top_k: int, frames: int | None, explaining: bool = False
 ) -> Prediction:
     started = time.perf_counter()
     service.check_accepting()
     served = service.model(name)
     upload = await read_upload(request, frames)
-    answer = await service.intake.classify(served, upload, partial(disconnected, request))
+    gone = partial(disconnected, request)
+    if explaining:
+        explained = await explain(
+            service.loaded.decoders, served, upload, timeout_s=service.settings.decode_timeout_s, disconnected=gone
+        )
+        return explanation(served, explained, top_k, started)
+    answer = await service.intake.classify(served, upload, gone)
     service.metrics.decode_seconds.labels("request").observe(answer.queued_at - started)
-    return prediction(served, answer, top_k, started)
-
-
-def prediction(served: ServedModel, answer: Answer, top_k: int, started: float) -> Prediction:
     result = answer.result
-    probs = result.probabilities.tolist()
+    timing = (answer.queued_at - started, result.queue_s, result.inference_s)
+    return prediction(served, result.probabilities.tolist(), result.frames, top_k, timing, started)
+
+
+def prediction(
+    served: ServedModel,
+    probs: list[float],
+    frames: int,
+    top_k: int,
+    timing: tuple[float, float, float],
+    started: float,
+    **extra: list[float] | None,
+) -> Prediction:
+    """The answer for a clip of ``frames`` frames with ``probs``; ``timing``: its decode, queue and
+    inference seconds."""
     labels = served.labels
     order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    decode, queue, inference = timing
     return Prediction(
         model=served.name,
         model_version=served.version,
         label=labels[order[0]],
         probabilities=dict(zip(labels, probs, strict=True)),
         top_k=[TopK(label=labels[i], probability=probs[i]) for i in order[:top_k]],
-        frames=result.frames,
+        frames=frames,
         timing_ms=Timing(
-            decode=ms(answer.queued_at - started),
-            queue=ms(result.queue_s),
-            inference=ms(result.inference_s),
-            total=ms(time.perf_counter() - started),
+            decode=ms(decode), queue=ms(queue), inference=ms(inference), total=ms(time.perf_counter() - started)
         ),
+        **extra,
+    )
+
+
+def explanation(served: ServedModel, result: Explained, top_k: int, started: float) -> Prediction:
+    ex = result.explanation
+    timing = (result.decode_s, 0.0, result.inference_s)
+    attention = None if ex.attention is None else ex.attention.tolist()
+    return prediction(
+        served,
+        ex.probabilities.tolist(),
+        result.frames,
+        top_k,
+        timing,
+        started,
+        frame_importance=ex.importance.tolist(),
+        attention=attention,
     )
 
 
@@ -76,33 +111,46 @@ def ms(seconds: float) -> float:
 @router.post(
     "/predict",
     response_model=Prediction,
+    response_model_exclude_none=True,
     responses=ERRORS,
     openapi_extra=PREDICT_BODY,
     summary="Classify a clip with the default model",
 )
 async def predict(
-    request: Request, service: ServiceDep, top_k: TopKQuery = 5, frames: FramesQuery = None
+    request: Request,
+    service: ServiceDep,
+    top_k: TopKQuery = 5,
+    frames: FramesQuery = None,
+    explain: ExplainQuery = None,
 ) -> Prediction:
     """Send frames (multipart `frames` parts in order, or JSON base64 `frames`) or one `video`.
 
     Frames of any size are resized to the model's input; a video is sampled evenly to
-    the model's clip length unless `frames` asks for another count.
+    the model's clip length unless `frames` asks for another count. `explain=frames` adds each
+    frame's importance (the predicted label's probability drop when it is left out) and, for
+    attention pooling, each frame's weight; it costs a head pass over T^2 frames beside the batches.
     """
-    return await predict_with(request, service, None, top_k, frames)
+    return await predict_with(request, service, None, top_k, frames, explain == "frames")
 
 
 @router.post(
     "/models/{name}/predict",
     response_model=Prediction,
+    response_model_exclude_none=True,
     responses=ERRORS,
     openapi_extra=PREDICT_BODY,
     summary="Classify a clip with a named model",
 )
 async def predict_named(
-    name: str, request: Request, service: ServiceDep, top_k: TopKQuery = 5, frames: FramesQuery = None
+    name: str,
+    request: Request,
+    service: ServiceDep,
+    top_k: TopKQuery = 5,
+    frames: FramesQuery = None,
+    explain: ExplainQuery = None,
 ) -> Prediction:
     """As `POST /predict`, for the model called `name`."""
-    return await predict_with(request, service, name, top_k, frames)
+    return await predict_with(request, service, name, top_k, frames, explain == "frames")
 
 
 def model_info(service: Service, served: ServedModel) -> ModelInfo:

@@ -52,6 +52,14 @@ class Prediction(BaseModel):
     top_k: list[TopK]
     frames: int
     timing_ms: Timing
+    frame_importance: list[float] | None = Field(
+        None,
+        description="with explain=frames: per frame, how much the predicted label's probability falls "
+        "when that frame is left out (a one-frame clip: its probability above 1 / labels)",
+    )
+    attention: list[float] | None = Field(
+        None, description="with explain=frames, for heads that pool by attention: each frame's pooling weight"
+    )
 
 
 class ModelInfo(BaseModel):

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from app.decoding import Decoders
+from app.jobs import submit
 from app.runtime import ModelRuntime
-from app.timeline import Placement, build_timeline, submit, timeline_target
+from app.timeline import Placement, build_timeline, timeline_target
 from app.uploads import Parsed, Upload, image_frames
 from media import Stopped, WrongShape
 from models import load_checkpoint
@@ -76,7 +77,7 @@ def test_each_frame_is_encoded_once_and_every_window_answers_as_run_whole(runtim
     blobs = [encode(f, "PNG") for f in clip]
     target = timeline_target(target_of(runtime.spec), 1000)
     count = EncoderCount(runtime)
-    result = build_timeline(runtime, Parsed(images=blobs), target, Placement(4.0, 16, 1), never)
+    result = build_timeline(runtime, Parsed(images=blobs), target=target, placement=Placement(4.0, 16, 1), stop=never)
     assert (count.frames, count.calls) == (70, 2)  # 70 frames in chunks of 64, for 55 windows
     assert result.frames == 70 and result.starts == list(range(55)) and result.duration_s == 17.5
     frames = torch.from_numpy(image_frames(blobs, target)).permute(0, 3, 1, 2)  # (T, C, H, W)
@@ -89,9 +90,8 @@ def test_each_frame_is_encoded_once_and_every_window_answers_as_run_whole(runtim
 def test_a_video_is_encoded_once_per_sampled_frame(runtime: ModelRuntime) -> None:
     video = write_mp4(synth_clip("up", frames=120, seed=3, size=64), fps=24)  # 5 s
     count = EncoderCount(runtime)
-    result = build_timeline(
-        runtime, Parsed(video=video), timeline_target(target_of(runtime.spec), 1000), Placement(30.0, 8, 2), never
-    )
+    target = timeline_target(target_of(runtime.spec), 1000)
+    result = build_timeline(runtime, Parsed(video=video), target=target, placement=Placement(30.0, 8, 2), stop=never)
     assert result.frames == 150 and result.duration_s == pytest.approx(5.0)
     assert (count.frames, count.calls) == (150, math.ceil(150 / 64))
     assert len(result.starts) == (150 - 8) // 2 + 1
@@ -102,7 +102,9 @@ def test_a_timeline_stops_between_frames(runtime: ModelRuntime) -> None:
     count = EncoderCount(runtime)
     target = timeline_target(target_of(runtime.spec, max_frames=1000), 1000)
     with pytest.raises(Stopped):
-        build_timeline(runtime, Parsed(images=blobs), target, Placement(8.0, 16, 8), lambda: count.calls > 0)
+        build_timeline(
+            runtime, Parsed(images=blobs), target=target, placement=Placement(8.0, 16, 8), stop=lambda: count.calls > 0
+        )
     assert count.frames == 64  # the first chunk; the second stopped at its first frame
 
 
