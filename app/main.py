@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import ops, predict, streams, timeline, v2
+from app.api import ops, page, predict, streams, timeline, v2
 from app.api.errors import install_handlers
 from app.api.middleware import BodyDecoding, BodyLimit, BodyLimits, Inflight, RequestMetrics
 from app.budget import MemoryBudget, memory_limit
@@ -53,6 +53,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="fusionserve",
         version=__version__,
         lifespan=lifespan,
+        docs_url=None,  # app.api.page serves both from installed assets, not from a CDN
+        redoc_url=None,
         description="Classify videos, image sequences and images with fused CNN + temporal models. "
         "Plain JSON under /predict and /models, the KServe v2 / Open Inference Protocol under /v2.",
     )
@@ -65,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyDecoding, limits=limits)  # inside the limit on the wire's bytes
     app.add_middleware(BodyLimit, limits=limits)
     app.add_middleware(RequestMetrics, metrics=metrics)
-    for router in (predict.router, streams.router, timeline.router, v2.health, v2.router, ops.router):
+    for router in (page.router, predict.router, streams.router, timeline.router, v2.health, v2.router, ops.router):
         app.include_router(router)
+    page.mount_assets(app, settings.page)
     return app

@@ -104,6 +104,7 @@ class HttpSettings(BaseModel):
     http: Literal["auto", "h11", "httptools"] = Field("auto", description="uvicorn's HTTP/1.1 parser")
     drain_s: float = Field(0.0, ge=0, description="after SIGTERM, seconds of 503 on readiness before closing")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    page: bool = Field(True, description="serve the page at / to browsers (JSON clients get the summary either way)")
 
 
 class StreamSettings(BaseModel):

@@ -7,13 +7,16 @@ under build/; ``--data DIR`` takes a folder instead), and for every test clip: e
 (``models.explain.occlusion``, as the server does), removes the ``--k`` frames of highest importance
 and measures how far the predicted label's probability falls, then does the same with ``--k`` frames
 drawn at random (``--draws`` draws per clip, averaged). The report gives both mean drops, how often
-the top-k drop is the larger, and the accuracy of the clips left after each removal.
+the top-k drop is the larger, and the accuracy of the clips left after each removal; and what an
+explanation costs against a plain forward pass of the same clip (medians over the clips of the
+model's length, one clip at a time, in this process).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +71,23 @@ def removal_drops(
     }
 
 
+@torch.no_grad()
+def cost(model: FusedClassifier, frames: torch.Tensor) -> tuple[float, float]:
+    """Seconds of one plain forward pass of the clip, and of its explanation, timed back to back."""
+    started = time.perf_counter()
+    model(frames, torch.tensor([frames.shape[0]]))
+    forward = time.perf_counter()
+    occlusion(model, frames)
+    return forward - started, time.perf_counter() - forward
+
+
 def measure(checkpoint: Path, data: Path | None, k: int, draws: int, limit: int | None, seed: int) -> dict[str, Any]:
     ckpt = load_checkpoint(checkpoint)
     model, spec = ckpt.model.eval(), ckpt.input
     root = data or test_split(checkpoint)
     ds = ClipDataset(root, "test", image_size=spec.height, frames=spec.frames, labels=ckpt.labels)
     rng = np.random.default_rng(seed)
-    rows, skipped = [], 0
+    rows, skipped, costs = [], 0, []
     for i in range(len(ds) if limit is None else min(limit, len(ds))):
         frames, label, _ = ds[i]
         if frames.shape[0] <= k:  # nothing would be left to classify
@@ -82,6 +95,8 @@ def measure(checkpoint: Path, data: Path | None, k: int, draws: int, limit: int 
             continue
         row = removal_drops(model, frames, k, draws, rng)
         rows.append(row | {"label": label, "frames": frames.shape[0]})
+        if frames.shape[0] == spec.frames:
+            costs.append(cost(model, frames))
     top, rand = [r["top_drop"] for r in rows], [r["random_drop"] for r in rows]
     return {
         "checkpoint": checkpoint.name,
@@ -96,21 +111,30 @@ def measure(checkpoint: Path, data: Path | None, k: int, draws: int, limit: int 
         "accuracy": statistics.fmean(r["predicted"] == r["label"] for r in rows),
         "accuracy_after_top_k": statistics.fmean(r["after_top"] == r["label"] for r in rows),
         "accuracy_after_random_k": statistics.fmean(a == r["label"] for r in rows for a in r["after_random"]),
+        # on clips of the model's length, one at a time: a plain forward pass against an explanation
+        "forward_ms_median": statistics.median(c[0] for c in costs) * 1000 if costs else None,
+        "explain_ms_median": statistics.median(c[1] for c in costs) * 1000 if costs else None,
+        "explain_over_forward": statistics.median(c[1] / c[0] for c in costs) if costs else None,
     }
+
+
+def num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def markdown(result: dict[str, Any]) -> str:
     k = result["k"]
     lines = [
         f"| model | clips | mean drop, top-{k} removed | mean drop, {k} random removed | top-{k} larger | "
-        f"accuracy | after top-{k} | after random {k} |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"accuracy | after top-{k} | after random {k} | forward ms | explain ms | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in result["models"]:
         lines.append(
             f"| {m['checkpoint']} | {m['clips']} | {m['mean_top_k_drop']:.3f} | {m['mean_random_k_drop']:.3f} | "
             f"{m['top_k_drop_larger']:.1%} | {m['accuracy']:.1%} | {m['accuracy_after_top_k']:.1%} | "
-            f"{m['accuracy_after_random_k']:.1%} |"
+            f"{m['accuracy_after_random_k']:.1%} | {num(m['forward_ms_median'])} | {num(m['explain_ms_median'])} | "
+            f"{num(m['explain_over_forward'])} |"
         )
     return "\n".join(lines)
 
