@@ -17,7 +17,7 @@ COPY media ./media
 COPY models ./models
 COPY training ./training
 RUN pip install --upgrade pip \
- && pip install -c constraints.txt ".[video]" \
+ && pip install -c constraints.txt ".[video,backbones]" \
  && python -c "import app.main, media, host, models; print('import ok')"
 
 FROM ${BASE_IMAGE} AS runtime

@@ -6,7 +6,7 @@ EXTRAS ?= train,video,export,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install test lint fmt typecheck pytest serve bundled clean
+.PHONY: install test lint fmt typecheck pytest pytest-backbones serve bundled clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt Makefile
 
 install: $(STAMP)
 
-test: install lint typecheck pytest
+test: install lint typecheck pytest pytest-backbones
 
 lint: install
 	$(BIN)/ruff check .
@@ -34,6 +34,21 @@ typecheck: install
 pytest: install
 	$(BIN)/python -m pytest -q
 
+# timm and torchvision encoders (the [backbones] extra) are tested in a venv of their own, with the torch and
+# torchvision pair of constraints-backbones.txt: see that file for why.
+BB_VENV ?= .venv-backbones
+BB_STAMP := $(BB_VENV)/.installed
+
+$(BB_STAMP): pyproject.toml constraints.txt constraints-backbones.txt Makefile
+	$(PYTHON) -m venv $(BB_VENV)
+	$(BB_VENV)/bin/python -m pip install --quiet --upgrade pip
+	grep -vE '^(torch|torchvision)==' constraints.txt | cat - constraints-backbones.txt > $(BB_VENV)/constraints.txt
+	$(BB_VENV)/bin/python -m pip install --quiet -c $(BB_VENV)/constraints.txt -e ".[train,video,export,dev,backbones]"
+	touch $@
+
+pytest-backbones: $(BB_STAMP)
+	$(BB_VENV)/bin/python -m pytest -q -m backbones tests/backbones
+
 # Serve the bundled default model on 127.0.0.1:8000 (FUSIONSERVE_* variables and ARGS= flags apply).
 serve: install
 	$(BIN)/python -m app $(ARGS)
@@ -47,4 +62,4 @@ bundled: install
 	done
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BB_VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -20,6 +20,7 @@ from app.cuda import CudaPath, Queued
 from app.threads import CpuThreads
 from models import Checkpoint, InputSpec
 from models.encoders import fold_batchnorm
+from models.profile import profile_encoder
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,6 +78,7 @@ class ModelRuntime:
         self.threads = threads  # the intra-op threads its CPU passes share with other passes
         self.spec = checkpoint.input
         model = checkpoint.model
+        self.encoder = profile_encoder(model)  # before folding: the parameters as trained
         self.folded = fold_batchnorm(model.eval())  # each batch norm into its conv: one pass less per block
         model.frames_per_pass = frames_per_encoder_pass(self.spec, pass_pixels, device, compiled)
         if compiled:  # the CNN is where the time goes; dynamic: batches vary in frames
@@ -189,6 +191,7 @@ class ModelRuntime:
             "precision": self.precision,
             "cuda_graphs": self.cuda_graphs,
             "compiled": self.compiled,
+            "encoder": self.encoder,
             "batchnorm_folded": self.folded,
             "frames_per_pass": self.frames_per_pass,
             "created_at": meta["created_at"],

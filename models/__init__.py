@@ -3,7 +3,7 @@
 Importing the package registers the built-in encoders and heads.
 """
 
-from models import encoders, heads  # noqa: F401  (registers built-in modules)
+from models import backbones, encoders, heads  # noqa: F401  (registers built-in modules)
 from models.checkpoint import Checkpoint, CheckpointError, InputSpec, load_checkpoint, read_metadata, save_checkpoint
 from models.classifier import FusedClassifier, build_model
 from models.config import (
@@ -13,6 +13,8 @@ from models.config import (
     ModelConfig,
     ResNetConfig,
     SmallCNNConfig,
+    TimmConfig,
+    TorchvisionConfig,
 )
 from models.profile import ModelProfile, count_parameters, profile_config, profile_model
 from models.registry import ENCODERS, HEADS, preset_config, preset_names
@@ -32,6 +34,8 @@ __all__ = [
     "ModelProfile",
     "ResNetConfig",
     "SmallCNNConfig",
+    "TimmConfig",
+    "TorchvisionConfig",
     "build_model",
     "bundled_checkpoints",
     "count_parameters",

@@ -48,6 +48,20 @@ class FusedClassifier(nn.Module):
         # of the config: app.runtime sets it on the CPU, so that a large batch's activations (the
         # first conv block's output is 32 floats per pixel) are those of one slice, not of the batch.
         self.frames_per_pass: int | None = None
+        self.encoder_frozen = False  # training only: see freeze_encoder
+
+    def freeze_encoder(self, frozen: bool) -> None:
+        """Training: while frozen the encoder takes no gradients and its batch norms stay in eval mode
+        (their running statistics are those it came with), whatever ``train()`` is called."""
+        self.encoder_frozen = frozen
+        self.encoder.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> FusedClassifier:
+        super().train(mode)
+        if self.encoder_frozen:
+            self.encoder.eval()
+        return self
 
     @property
     def causal(self) -> bool:

@@ -34,6 +34,25 @@ class ResNetConfig:
 
 
 @dataclass(frozen=True)
+class TimmConfig:
+    """An image model from timm by its name (``model``), pooled, its classifier removed
+    (``models.backbones``). ``grad_checkpointing`` trades compute for activation memory in training."""
+
+    name: str = "timm"
+    model: str = "resnet18"
+    grad_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class TorchvisionConfig:
+    """An image model from torchvision by its name (``model``), its last linear layer removed."""
+
+    name: str = "torchvision"
+    model: str = "mobilenet_v3_small"
+    grad_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
 class MeanHeadConfig:
     """Order-blind baseline: the mean of the frame features, then a linear classifier."""
 
@@ -72,7 +91,7 @@ class AttentionHeadConfig:
     window: int | None = None
 
 
-EncoderConfig = SmallCNNConfig | ResNetConfig
+EncoderConfig = SmallCNNConfig | ResNetConfig | TimmConfig | TorchvisionConfig
 HeadConfig = MeanHeadConfig | LSTMHeadConfig | AttentionHeadConfig
 
 

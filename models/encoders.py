@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from models.backbones import Backbone
 from models.config import ResNetConfig, SmallCNNConfig
 from models.registry import ENCODERS
 
@@ -29,7 +30,8 @@ def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
 
 def fold_batchnorm(module: nn.Module) -> int:
     """For inference: fold every BatchNorm2d that directly follows a Conv2d in a Sequential into
-    that conv's weights and bias, in place (the norm becomes an Identity). Returns how many.
+    that conv's weights and bias, in place (the norm becomes an Identity), and a backbone's batch
+    norms as its ``fold`` finds them. Returns how many.
 
     In eval mode a batch norm is a fixed per-channel scale and shift, so the folded conv gives
     the same outputs (to float rounding) without a pass over, and a buffer for, its output.
@@ -37,7 +39,7 @@ def fold_batchnorm(module: nn.Module) -> int:
     """
     if module.training:
         raise ValueError("fold_batchnorm is for a model in eval mode")
-    folded = 0
+    folded = sum(m.fold() for m in list(module.modules()) if isinstance(m, Backbone))  # by torch.fx
     for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
         for first, second in itertools.pairwise(names):

@@ -40,3 +40,26 @@ def profile_model(model: FusedClassifier, frames: int) -> ModelProfile:
 
 def profile_config(config: ModelConfig, frames: int = 16) -> ModelProfile:
     return profile_model(build_model(config), frames)
+
+
+def encoder_name(config: ModelConfig) -> str:
+    """``small_cnn``, ``resnet``, or a backbone as ``timm:NAME`` / ``torchvision:NAME``."""
+    model = getattr(config.encoder, "model", None)
+    return f"{config.encoder.name}:{model}" if model else config.encoder.name
+
+
+@torch.no_grad()
+def profile_encoder(model: FusedClassifier) -> dict[str, int | str]:
+    """The frame encoder's name, parameters and FLOPs for one frame at the model's input size."""
+    cfg = model.config
+    frame = torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size)
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model.forward_features(frame)
+    model.train(was_training)
+    return {
+        "name": encoder_name(cfg),
+        "parameters": count_parameters(model.encoder),
+        "flops_per_frame": int(counter.get_total_flops()),
+    }

@@ -35,13 +35,26 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+def backbones_importable() -> bool:
+    try:
+        import timm  # noqa: F401  (imports torchvision)
+    except (ImportError, RuntimeError):  # absent, or torchvision cannot load its operators beside this torch
+        return False
+    return True
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device; none is present on this machine")
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA device; none is present on this machine")
+    if any("backbones" in item.keywords for item in items) and not backbones_importable():
+        skips["backbones"] = pytest.mark.skip(
+            reason="needs timm and torchvision, which do not import here; make test runs these in .venv-backbones"
+        )
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

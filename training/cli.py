@@ -42,7 +42,8 @@ def add_synth(synth: argparse.ArgumentParser) -> None:
 # fit's flags that override the config file's keys of the same names (None: not given)
 FIT_OVERRIDES = (
     "model", "epochs", "batch_size", "lr", "frames", "image_size", "patience", "seed", "device", "workers",
-    "eval_clips", "augment", "hflip", "repeat_short", "name",
+    "eval_clips", "augment", "hflip", "repeat_short", "name", "encoder", "pretrained", "freeze_encoder",
+    "encoder_lr_mult", "grad_checkpointing",
 )  # fmt: skip
 
 
@@ -66,6 +67,14 @@ def add_fit(fit: argparse.ArgumentParser) -> None:
     fit.add_argument("--hflip", **on_off, help="flip in augmentation (off where left and right differ)")
     fit.add_argument("--repeat-short", **on_off, help="repeat frames of clips shorter than --frames")
     fit.add_argument("--name", help="model name stored in the checkpoint (default: the output file's stem)")
+    fit.add_argument(
+        "--encoder",
+        help="frame encoder timm:NAME or torchvision:NAME (default: the seed's small CNN); [backbones] extra",
+    )
+    fit.add_argument("--pretrained", help="the encoder's start: hub (download its published weights) or a .safetensors")
+    fit.add_argument("--freeze-encoder", type=int, metavar="N", help="epochs with the encoder frozen, then fine-tune")
+    fit.add_argument("--encoder-lr-mult", type=float, help="the encoder's learning rate as a multiple of --lr")
+    fit.add_argument("--grad-checkpointing", **on_off, help="timm encoders: recompute activations (less memory)")
     fit.add_argument("--resume", type=Path, help="training state file (<out>.train-state.safetensors) to continue from")
     fit.add_argument("--log", type=Path, help="JSON-lines metrics log (default: <out>.log.jsonl)")
     fit.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from models import ModelConfig, preset_config
+from models.backbones import defaults
 
 
 @dataclass
@@ -31,7 +32,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
     frames: int = 16  # clips longer than this are sampled down to it (TSN segments)
-    image_size: int = 32
+    image_size: int | None = None  # default: the backbone's own input size, else 32
     patience: int = 5  # epochs without a better val accuracy before stopping
     seed: int = 0
     device: str = "auto"
@@ -44,6 +45,11 @@ class TrainConfig:
     name: str | None = None  # model name in the checkpoint; default: the output file's stem
     version: str = "1"
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    encoder: str | None = None  # "timm:NAME" or "torchvision:NAME" (default: the preset's small CNN)
+    pretrained: str | None = None  # with encoder: "hub" (the library downloads its weights) or a .safetensors file
+    freeze_encoder: int = 0  # epochs with the encoder frozen (its batch norms in eval mode) before fine-tuning
+    encoder_lr_mult: float = 1.0  # the encoder's learning rate, as a multiple of lr
+    grad_checkpointing: bool = False  # timm encoders: recompute activations in the backward pass
 
     def __post_init__(self) -> None:
         checks = {
@@ -51,7 +57,11 @@ class TrainConfig:
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,
             "frames": self.frames >= 1,
-            "image_size": self.image_size >= 8,
+            "image_size": self.image_size is None or self.image_size >= 8,
+            "freeze_encoder": self.freeze_encoder >= 0,
+            "encoder_lr_mult": self.encoder_lr_mult > 0,
+            "encoder": self.encoder is None or self.encoder.partition(":")[0] in ("timm", "torchvision"),
+            "pretrained": self.pretrained is None or self.encoder is not None,
             "patience": self.patience >= 1,
             "warmup_epochs": self.warmup_epochs >= 0,
             "grad_clip": self.grad_clip > 0,
@@ -66,8 +76,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def model_config(self, num_classes: int) -> ModelConfig:
-        """The preset for ``model`` at ``image_size``, with ``model_overrides`` merged in."""
-        base = preset_config(self.model, num_classes=num_classes, image_size=self.image_size).to_dict()
+        """The preset for ``model`` at ``image_size``, its encoder replaced by ``encoder`` when given
+        (with the backbone's own normalisation, and its input size unless ``image_size`` is set),
+        with ``model_overrides`` merged in."""
+        base = preset_config(self.model, num_classes=num_classes, image_size=self.image_size or 32).to_dict()
+        if self.encoder is not None:
+            source, _, name = self.encoder.partition(":")
+            known = defaults(source, name)
+            base |= {"mean": known.mean, "std": known.std, "image_size": self.image_size or known.input_size}
+            base["encoder"] = {"name": source, "model": name, "grad_checkpointing": self.grad_checkpointing}
         return ModelConfig.from_dict(_merge(base, self.model_overrides))
 
 

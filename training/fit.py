@@ -31,13 +31,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from host.device import pick_device
 from models import FusedClassifier, InputSpec, build_model, load_checkpoint, profile_model, save_checkpoint
+from models.backbones import Backbone, load_weights, published_weights
 from training.config import TrainConfig
 from training.data import Augment, Batch, ClipDataset, collate_ragged, dataset_name, read_labels, seed_worker
 from training.evaluate import Predictions, classification_metrics, predict
@@ -207,11 +208,13 @@ def batches(loader: DataLoader[Any], desc: str, show: bool) -> Iterator[Batch]:
     yield from tqdm(loader, desc=desc, disable=not show, leave=False)
 
 
-def build_datasets(data: Path, cfg: TrainConfig, labels: list[str]) -> tuple[ClipDataset, ClipDataset, ClipDataset]:
-    """Train (augmented when asked), val and test: all three opened before training starts, so a
-    missing split fails the run at once instead of after its last epoch."""
+def build_datasets(
+    data: Path, cfg: TrainConfig, labels: list[str], image_size: int
+) -> tuple[ClipDataset, ClipDataset, ClipDataset]:
+    """Train (augmented when asked), val and test at ``image_size``: all three opened before training
+    starts, so a missing split fails the run at once instead of after its last epoch."""
     common: dict[str, Any] = {
-        "image_size": cfg.image_size,
+        "image_size": image_size,
         "frames": cfg.frames,
         "labels": labels,
         "repeat_short": cfg.repeat_short,
@@ -221,6 +224,30 @@ def build_datasets(data: Path, cfg: TrainConfig, labels: list[str]) -> tuple[Cli
     augment = Augment(hflip=cfg.hflip) if cfg.augment else None
     train = ClipDataset(data, "train", train=True, augment=augment, **common)
     return train, ClipDataset(data, "val", **common), ClipDataset(data, "test", **common)
+
+
+def param_groups(model: FusedClassifier, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The encoder's parameters at ``lr * encoder_lr_mult``, the rest at ``lr``."""
+    encoder = list(model.encoder.parameters())
+    own = {id(p) for p in encoder}
+    rest = [p for p in model.parameters() if id(p) not in own]
+    return [{"params": rest}, {"params": encoder, "lr": cfg.lr * cfg.encoder_lr_mult}]
+
+
+def start_encoder(model: FusedClassifier, pretrained: str) -> None:
+    """Load the backbone's starting weights: ``hub`` (the library's published ones, downloaded) or a
+    .safetensors file of its state dict; a file that does not fit names its keys."""
+    encoder = model.encoder
+    if not isinstance(encoder, Backbone):
+        raise ValueError("--pretrained needs a timm or torchvision --encoder")
+    if pretrained == "hub":
+        load_weights(encoder, published_weights(encoder), f"{encoder.source}'s published weights")
+        return
+    path = Path(pretrained)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    load_weights(encoder, load_file(str(path)), str(path))
+    log.info("encoder %s:%s starts from %s", encoder.source, encoder.model_name, path)
 
 
 def fit(
@@ -262,15 +289,21 @@ class Run:
         seed_everything(cfg.seed)
         self.show = self.rank.main and (progress if progress is not None else bool(os.isatty(2)))
         self.labels = read_labels(data)
-        self.train_ds, self.val_ds, self.test_ds = build_datasets(data, cfg, self.labels)
+        config = cfg.model_config(len(self.labels))
+        self.train_ds, self.val_ds, self.test_ds = build_datasets(data, cfg, self.labels, config.image_size)
         if self.rank.main:
             log.info("train %s", self.train_ds.describe())
-        self.model = build_model(cfg.model_config(len(self.labels))).to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.model = build_model(config)
+        if cfg.pretrained is not None:
+            start_encoder(self.model, cfg.pretrained)
+        self.model.to(self.device)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps_per_epoch = math.ceil(len(self.train_ds) / (cfg.batch_size * self.rank.world))
         total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup, total))
-        self.trained: torch.nn.Module = DistributedDataParallel(self.model) if self.rank.active else self.model
+        self.trained: torch.nn.Module = self.model
+        if self.rank.active:  # a frozen encoder's parameters get no gradient in some epochs
+            self.trained = DistributedDataParallel(self.model, find_unused_parameters=cfg.freeze_encoder > 0)
         self.loaders = EpochLoaders(cfg, self.rank, self.device)
         self.start_epoch, self.best = 0, {"epoch": -1, "accuracy": -1.0, "stale": 0}
         self.skipped: set[str] = set(self.train_ds.problems) | set(self.val_ds.problems)
@@ -290,6 +323,8 @@ class Run:
             "world_size": self.rank.world,
             "dataset": {"train": self.train_ds.describe(), "val": self.val_ds.describe()},
             "code_revision": code_revision(),
+            "pretrained": self.cfg.pretrained,
+            "encoder_frozen_epochs": min(self.cfg.freeze_encoder, self.cfg.epochs),
         }
 
     def resume(self, state: Path) -> None:
@@ -299,6 +334,7 @@ class Run:
     def epoch(self, epoch: int) -> bool:
         """Train one epoch, validate, keep the best; True when validation has stopped improving."""
         cfg = self.cfg
+        self.model.freeze_encoder(epoch < cfg.freeze_encoder)
         loader = self.loaders(self.train_ds, shuffle=True, epoch=epoch)
         bar = batches(loader, f"epoch {epoch + 1}/{cfg.epochs}", self.show)
         stats, bad = train_one_epoch(self.trained, self.optimizer, self.scheduler, cfg, self.device, self.rank, bar)

@@ -75,6 +75,10 @@ class ModelInfo(BaseModel):
     precision: str = Field(description="fp32, or bf16 (autocast) on a GPU that supports it")
     cuda_graphs: bool = Field(description="equal-length batches replay captured CUDA graphs")
     compiled: bool = Field(description="the CNN runs through torch.compile")
+    encoder: dict[str, Any] = Field(
+        description="the frame encoder: name (small_cnn, resnet, timm:NAME, torchvision:NAME), parameters, "
+        "FLOPs per frame at the input size"
+    )
     batchnorm_folded: int = Field(description="batch norms folded into the convolution before them at load")
     frames_per_pass: int | None = Field(
         description="on the CPU, most frames the encoder takes in one pass (ENCODER_PASS_PIXELS); null: a whole batch"

@@ -58,7 +58,8 @@ def clip_batch(cfg: ModelConfig, lengths: list[int], dtype: torch.dtype = torch.
 
 
 def test_every_registered_encoder_and_head_is_covered() -> None:
-    assert {c.encoder.name for c in CONFIGS.values()} == set(ENCODERS.names())
+    backbones = {"timm", "torchvision"}  # built from their libraries: tests/backbones
+    assert {c.encoder.name for c in CONFIGS.values()} | backbones == set(ENCODERS.names())
     assert {c.head.name for c in CONFIGS.values()} == set(HEADS.names())
 
 
