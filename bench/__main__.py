@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import ceiling, compare, data_pipeline, explain, heap, rollout, serve, streams, timeline
+from bench import backbones, ceiling, compare, data_pipeline, explain, heap, rollout, serve, streams, timeline
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="fusionserve benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
+    backbones.add_parser(sub)
     ceiling.add_parser(sub)
     compare.add_parser(sub)
     data_pipeline.add_parser(sub)

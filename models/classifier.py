@@ -108,6 +108,14 @@ class FusedClassifier(nn.Module):
             return self.forward_uniform(frames, B)  # the common case: no padding, no packing
         return self.forward_head(self.forward_features(frames), lengths)
 
+    def classify_features(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """feats: (N, D) of all clips' frames, lengths: (B,) -> logits (B, K), as ``forward`` runs the head
+        on the encoder's output (training on cached features takes this path)."""
+        B = lengths.numel()
+        if B and int(lengths[0]) * B == feats.shape[0] and bool((lengths == lengths[0]).all()):
+            return self.head.forward_full(feats.view(B, -1, feats.shape[-1]))
+        return self.forward_head(feats, lengths)
+
     def forward_uniform(self, frames: torch.Tensor, clips: int) -> torch.Tensor:
         """frames: (clips * T, C, H, W), every clip T frames -> logits (clips, K).
 

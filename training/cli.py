@@ -43,7 +43,7 @@ def add_synth(synth: argparse.ArgumentParser) -> None:
 FIT_OVERRIDES = (
     "model", "epochs", "batch_size", "lr", "frames", "image_size", "patience", "seed", "device", "workers",
     "eval_clips", "augment", "hflip", "repeat_short", "name", "encoder", "pretrained", "freeze_encoder",
-    "encoder_lr_mult", "grad_checkpointing",
+    "encoder_lr_mult", "grad_checkpointing", "cache_features",
 )  # fmt: skip
 
 
@@ -75,6 +75,9 @@ def add_fit(fit: argparse.ArgumentParser) -> None:
     fit.add_argument("--freeze-encoder", type=int, metavar="N", help="epochs with the encoder frozen, then fine-tune")
     fit.add_argument("--encoder-lr-mult", type=float, help="the encoder's learning rate as a multiple of --lr")
     fit.add_argument("--grad-checkpointing", **on_off, help="timm encoders: recompute activations (less memory)")
+    fit.add_argument(
+        "--cache-features", **on_off, help="with the encoder frozen every epoch: encode each frame once, train the head"
+    )
     fit.add_argument("--resume", type=Path, help="training state file (<out>.train-state.safetensors) to continue from")
     fit.add_argument("--log", type=Path, help="JSON-lines metrics log (default: <out>.log.jsonl)")
     fit.add_argument("--no-progress", action="store_true", help="hide the progress bar")

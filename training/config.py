@@ -50,6 +50,7 @@ class TrainConfig:
     freeze_encoder: int = 0  # epochs with the encoder frozen (its batch norms in eval mode) before fine-tuning
     encoder_lr_mult: float = 1.0  # the encoder's learning rate, as a multiple of lr
     grad_checkpointing: bool = False  # timm encoders: recompute activations in the backward pass
+    cache_features: bool = False  # encoder frozen the whole run: encode each frame once, train the head on that
 
     def __post_init__(self) -> None:
         checks = {
@@ -62,6 +63,8 @@ class TrainConfig:
             "encoder_lr_mult": self.encoder_lr_mult > 0,
             "encoder": self.encoder is None or self.encoder.partition(":")[0] in ("timm", "torchvision"),
             "pretrained": self.pretrained is None or self.encoder is not None,
+            # cached features are a frozen encoder's: frozen for every epoch, and no augmentation to vary them
+            "cache_features": not self.cache_features or (self.freeze_encoder >= self.epochs and not self.augment),
             "patience": self.patience >= 1,
             "warmup_epochs": self.warmup_epochs >= 0,
             "grad_clip": self.grad_clip > 0,

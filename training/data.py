@@ -291,7 +291,26 @@ class ClipDataset(Dataset[Item]):
     def __len__(self) -> int:
         return len(self.clips)
 
+    def cache_features(self, encode: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Replace every clip by its frames' features, ``encode``d once: all frames of each clip
+        (T, C, H, W) uint8 -> (T, D). Clips are then sampled from their features exactly as they
+        were from their frames (the same picks from the same random generator), so a head trained on
+        them sees what a frozen encoder would have given it. Needs no augmentation."""
+        if self.augment is not None:
+            raise ValueError("cached features cannot be augmented: train without --augment")
+        frames = self.cache if self.cache is not None else [self._load_all(c) for c in self.clips]
+        self.cache = [None if clip is None else encode(clip) for clip in frames]
+
     def _load_all(self, clip: ClipRef) -> np.ndarray | None:
+        if clip.is_video:
+            try:
+                return read_video(clip.path, np.arange, self.format)  # every frame
+            except UnreadableClip as exc:
+                log.warning("skipped %s", exc)
+                return None
+        return self._load_frames(clip)
+
+    def _load_frames(self, clip: ClipRef) -> np.ndarray | None:
         try:
             return to_clip(np.stack([decode_frame(f, self.format) for f in clip.frames]))
         except UnreadableClip as exc:
@@ -304,15 +323,15 @@ class ClipDataset(Dataset[Item]):
         )
 
     def read(self, index: int) -> np.ndarray:
-        """The sampled clip, uint8 (T, C, H, W); raises UnreadableClip."""
+        """The sampled clip, uint8 (T, C, H, W) (its features (T, D) once cached); raises UnreadableClip."""
         clip = self.clips[index]
-        if clip.is_video:
-            return read_video(clip.path, self._pick, self.format)
         if self.cache is not None:
             data = self.cache[index]
             if data is None:
                 raise UnreadableClip(f"{clip.path}: a frame could not be decoded")
             return data[self._pick(len(data))]
+        if clip.is_video:
+            return read_video(clip.path, self._pick, self.format)
         idx = self._pick(len(clip.frames))
         return to_clip(np.stack([decode_frame(clip.frames[i], self.format) for i in idx]))
 

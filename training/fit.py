@@ -20,7 +20,7 @@ import os
 import random
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,6 +226,31 @@ def build_datasets(
     return train, ClipDataset(data, "val", **common), ClipDataset(data, "test", **common)
 
 
+class FeatureHead(torch.nn.Module):
+    """The classifier's head alone: cached encoder features (N, D) and lengths (B,) -> logits (B, K)."""
+
+    def __init__(self, model: FusedClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.model.classify_features(feats, lengths)
+
+
+def encoder_features(model: FusedClassifier, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
+    """What caches a clip's features: all its frames (T, C, H, W) uint8 -> (T, D) float32, through the
+    frozen encoder as training runs it (bf16 autocast on CUDA)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    @torch.no_grad()
+    def encode(clip: np.ndarray) -> np.ndarray:
+        with autocast:
+            feats = model.forward_features(torch.from_numpy(clip).to(device))
+        return feats.float().cpu().numpy()  # type: ignore[no-any-return]
+
+    return encode
+
+
 def param_groups(model: FusedClassifier, cfg: TrainConfig) -> list[dict[str, Any]]:
     """The encoder's parameters at ``lr * encoder_lr_mult``, the rest at ``lr``."""
     encoder = list(model.encoder.parameters())
@@ -302,8 +327,14 @@ class Run:
         total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup, total))
         self.trained: torch.nn.Module = self.model
+        if cfg.cache_features:  # the encoder once per frame now; then the head alone, on its features
+            self.model.freeze_encoder(True)
+            encode = encoder_features(self.model, self.device)
+            self.train_ds.cache_features(encode)
+            self.val_ds.cache_features(encode)
+            self.trained = FeatureHead(self.model)
         if self.rank.active:  # a frozen encoder's parameters get no gradient in some epochs
-            self.trained = DistributedDataParallel(self.model, find_unused_parameters=cfg.freeze_encoder > 0)
+            self.trained = DistributedDataParallel(self.trained, find_unused_parameters=cfg.freeze_encoder > 0)
         self.loaders = EpochLoaders(cfg, self.rank, self.device)
         self.start_epoch, self.best = 0, {"epoch": -1, "accuracy": -1.0, "stale": 0}
         self.skipped: set[str] = set(self.train_ds.problems) | set(self.val_ds.problems)
@@ -325,6 +356,7 @@ class Run:
             "code_revision": code_revision(),
             "pretrained": self.cfg.pretrained,
             "encoder_frozen_epochs": min(self.cfg.freeze_encoder, self.cfg.epochs),
+            "features_cached": self.cfg.cache_features,
         }
 
     def resume(self, state: Path) -> None:

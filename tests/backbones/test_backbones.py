@@ -157,3 +157,18 @@ def test_a_backbone_checkpoint_exports_to_onnx(tiny_dataset: Path, tmp_path: Pat
     onnx = tmp_path / "export.onnx"
     assert cli(["export", str(out), "--format", "onnx", "--out", str(onnx)]) == 0
     assert onnx.stat().st_size > 1_000_000
+
+
+def test_cached_backbone_features_train_the_same_head_as_the_frozen_backbone(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    heads = []
+    for flag in ("--no-cache-features", "--cache-features"):
+        out = tmp_path / f"{flag}.safetensors"
+        meta = fit(tiny_dataset, out, "--encoder", "timm:resnet18", "--epochs", "2", "--freeze-encoder", "2", flag)
+        assert meta["training"]["features_cached"] is (flag == "--cache-features")
+        state = load_file(str(out.with_suffix(".train-state.safetensors")))
+        heads.append({k: v for k, v in state.items() if k.startswith("model.head.")})
+    assert heads[0] and heads[0].keys() == heads[1].keys()
+    for key, value in heads[0].items():
+        torch.testing.assert_close(heads[1][key], value, atol=1e-4, rtol=0, msg=key)
