@@ -10,9 +10,12 @@ or ``small_cnn``, the bundled models' own encoder) under the LSTM head, and repo
   and at ``--small-size`` (32: the moving-digits frames). The model is prepared as the server's CPU
   runtime prepares it: eval mode, batch norms folded into the convs, channels-last, the encoder
   run in slices of at most ``--pass-pixels`` input pixels, glibc's allocator tuned; torch keeps
-  its default thread count. One warm-up call, then timed calls until ``--min-time`` seconds have
-  passed (at least one: a large cell may get a single repetition; each cell records how many), and
-  the median call gives clips/s. Random weights: the speed does not depend on them;
+  its default thread count. Each cell waits (up to ``--quiet-wait`` s) for the machine to go quiet,
+  since another tenant's burst on one of two cores stalls torch's OpenMP threads many times over,
+  and records the cores other processes used while it ran (``other_cores``). One warm-up call, then
+  timed calls until ``--min-time`` seconds have passed (at least one: a large cell may get a single
+  repetition; each cell records how many), and the median call gives clips/s. Random weights: the
+  speed does not depend on them;
 - with ``--accuracy``: the moving-digits test accuracy of the encoder trained from scratch under
   the LSTM head at ``--small-size`` (``python -m training fit`` in a subprocess, this interpreter,
   ``--epochs`` epochs) on a dataset written once under build/ (``--clips-per-label`` train clips a
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -39,6 +44,7 @@ from app.autotune import make_batch
 from app.runtime import frames_per_encoder_pass
 from app.settings import PASS_PIXELS
 from bench.serve import machine, write_outputs
+from bench.streams import machine_busy_s
 from host.malloc import tune_malloc
 from models import InputSpec, LSTMHeadConfig, ModelConfig, TimmConfig, TorchvisionConfig, build_model, preset_config
 from models.backbones import defaults
@@ -107,6 +113,7 @@ def time_cell(model: FusedClassifier, batch: int, frames: int, min_time: float) 
     clips, lengths = make_batch(batch, frames, (model.config.in_channels, size, size))
     model(clips, lengths)
     times: list[float] = []
+    others = OtherCores()
     started = time.perf_counter()
     while not times or time.perf_counter() - started < min_time:
         call = time.perf_counter()
@@ -114,6 +121,7 @@ def time_cell(model: FusedClassifier, batch: int, frames: int, min_time: float) 
         times.append(time.perf_counter() - call)
     median = statistics.median(times)
     return {
+        "other_cores": others.since(),
         "image_size": size,
         "batch": batch,
         "frames": frames,
@@ -123,6 +131,41 @@ def time_cell(model: FusedClassifier, batch: int, frames: int, min_time: float) 
         "fastest_s": min(times),
         "clips_per_s": batch / median,
     }
+
+
+class OtherCores:
+    """Cores used by every other process of the machine since it was made: the machine's CPU time
+    (/proc/stat) less this process's and its finished children's, over the wall time."""
+
+    def __init__(self) -> None:
+        self.started, self.machine, self.own = time.perf_counter(), machine_busy_s(), own_cpu_s()
+
+    def since(self) -> float | None:
+        now = machine_busy_s()
+        if now is None or self.machine is None:
+            return None
+        other = (now - self.machine) - (own_cpu_s() - self.own)
+        return round(max(0.0, other) / (time.perf_counter() - self.started), 3)
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process (all its threads) and of its children that have exited."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def wait_quiet(limit_s: float, cores: float = 0.15, window_s: float = 1.0) -> float:
+    """Wait until every process of the machine together has used under ``cores`` over ``window_s``,
+    for at most ``limit_s``; the seconds waited (``limit_s`` or more: it stayed busy)."""
+    started = time.perf_counter()
+    while (waited := time.perf_counter() - started) < limit_s:
+        before = machine_busy_s()
+        time.sleep(window_s)
+        after = machine_busy_s()
+        if before is None or after is None or (after - before) / window_s < cores:
+            return round(waited, 1)
+    log(f"the machine stayed busy for {limit_s:.0f} s (other tenants); measuring anyway")
+    return round(waited, 1)
 
 
 def measure_speed(encoder: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -142,9 +185,13 @@ def measure_speed(encoder: str, args: argparse.Namespace) -> dict[str, Any]:
             model_config(encoder, image_size), args.frames, args.pass_pixels
         )
         for batch in args.batches:
-            row["speed"].append(time_cell(model, batch, args.frames, args.min_time))
-            cell = row["speed"][-1]
-            log(f"{encoder} {image_size}px b{batch}: {cell['clips_per_s']:.2f} clips/s ({cell['repetitions']} reps)")
+            waited = wait_quiet(args.quiet_wait) if args.quiet_wait > 0 else 0.0
+            cell = time_cell(model, batch, args.frames, args.min_time) | {"waited_for_quiet_s": waited}
+            row["speed"].append(cell)
+            log(
+                f"{encoder} {image_size}px b{batch}: {cell['clips_per_s']:.2f} clips/s ({cell['repetitions']} reps, "
+                f"other processes {cell['other_cores']} cores)"
+            )
     return row
 
 
@@ -164,14 +211,26 @@ def fit_command(encoder: str, data: Path, out: Path, args: argparse.Namespace) -
     return argv if encoder == REFERENCE else [*argv, "--encoder", encoder]
 
 
+def fit_env(args: argparse.Namespace) -> dict[str, str]:
+    """The training run's environment: this one's, with ``--threads`` as its torch thread count."""
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    return env
+
+
 def measure_accuracy(encoder: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Train ``encoder`` (subprocess) and read the test accuracy and wall time from the JSON line it
     prints last; a failed or timed-out run gives its error instead."""
     out = args.checkpoints / f"{encoder.replace(':', '-')}.safetensors"
     argv = fit_command(encoder, data, out, args)
+    waited = wait_quiet(args.quiet_wait) if args.quiet_wait > 0 else 0.0
+    others = OtherCores()
     started = time.perf_counter()
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.fit_timeout, cwd=ROOT, check=False)
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=args.fit_timeout, cwd=ROOT, check=False, env=fit_env(args)
+        )
     except subprocess.TimeoutExpired:
         return {"command": argv, "error": f"timed out after {args.fit_timeout} s"}
     process_s = time.perf_counter() - started
@@ -189,6 +248,8 @@ def measure_accuracy(encoder: str, data: Path, args: argparse.Namespace) -> dict
         "best_epoch": report["best_epoch"],
         "fit_wall_time_s": report["wall_time_s"],  # fit's own time: data loading, training, evaluation
         "process_s": process_s,  # the whole subprocess, interpreter start and imports included
+        "other_cores": others.since(),  # what other tenants used meanwhile: the wall times' noise
+        "waited_for_quiet_s": waited,
         "checkpoint": report["checkpoint"],
     }
 
@@ -230,6 +291,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "small_size": args.small_size,
             "min_time_s": args.min_time,
             "pass_pixels": args.pass_pixels,
+            "quiet_wait_s": args.quiet_wait,
             "fold_batchnorm": True,
             "channels_last": True,
             "accuracy": accuracy,
@@ -280,6 +342,11 @@ def add_parser(sub: Any) -> None:
         "--pass-pixels", type=int, default=PASS_PIXELS, help="most input pixels per encoder pass, as the server "
         f"(default {PASS_PIXELS}); 0: whole batches",
     )  # fmt: skip
+    p.add_argument(
+        "--quiet-wait", type=float, default=30, help="before each cell and training run, wait up to this many s "
+        "for the machine to go quiet (0: do not wait)",
+    )  # fmt: skip
+    p.add_argument("--threads", type=int, help="torch threads, timed and trained (default: torch's own)")
     p.add_argument("--accuracy", action="store_true", help="also train each encoder on moving digits (slow)")
     p.add_argument("--data", type=Path, help="dataset with train/ val/ test/ (default: moving digits under build/)")
     p.add_argument("--clips-per-label", type=int, default=50, help="train clips per label (default 50)")
@@ -296,6 +363,8 @@ def add_parser(sub: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     tune_malloc()  # as the server does, before any other thread starts
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = run(args)
     out = write_outputs(result, args.out, "backbones")
     print(markdown(result))
