@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models import load_checkpoint, read_metadata
+from models import LSTMHeadConfig, ModelConfig, TimmConfig, build_model, load_checkpoint, read_metadata
 from models.backbones import Backbone
 from models.encoders import fold_batchnorm
 from tests.support.media import encode, multipart_frames, synth_clip
@@ -172,3 +172,23 @@ def test_cached_backbone_features_train_the_same_head_as_the_frozen_backbone(
     assert heads[0] and heads[0].keys() == heads[1].keys()
     for key, value in heads[0].items():
         torch.testing.assert_close(heads[1][key], value, atol=1e-4, rtol=0, msg=key)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Recomputing activations in the backward pass changes memory, not the gradients. (Batch norms
+    count the recomputed forward too, so their running statistics move twice a step.)"""
+    meta = fit(tiny_dataset, tmp_path / "gc.safetensors", "--encoder", "timm:resnet18", "--epochs", "1",
+               "--grad-checkpointing")  # fmt: skip
+    assert meta["arch"]["encoder"]["grad_checkpointing"] is True
+    grads = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = build_model(
+            ModelConfig(8, TimmConfig(model="resnet18", grad_checkpointing=on), LSTMHeadConfig(hidden=16))
+        )
+        frames = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        model(frames, torch.tensor([3, 3])).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-4, rtol=1e-3, msg=name)
