@@ -16,10 +16,11 @@ waiting for a decode process is cancelled there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from functools import partial
@@ -135,6 +136,18 @@ class Intake:
         tickets = new_tickets(len(clips))
         queue.enqueue(tickets, clips)
         return await self._answers(queue, tickets, disconnected)
+
+    @contextlib.contextmanager
+    def holding(self, served: ServedModel) -> Iterator[None]:
+        """One of ``served``'s upload places (MAX_QUEUE) held for the block: a timeline or an explanation,
+        which decodes and runs beside the batcher, counts as an upload waiting for the decoders
+        (``Overloaded`` when they are all taken)."""
+        slots = self._slots[served.name]
+        slots.reserve(1)
+        try:
+            yield
+        finally:
+            slots.release(1)
 
     def saturated(self) -> bool:
         """Whether every model's uploads waiting to be decoded are at their limit: new ones would get 503."""

@@ -49,9 +49,10 @@ async def predict_with(
     upload = await read_upload(request, frames)
     gone = partial(disconnected, request)
     if explaining:
-        explained = await explain(
-            service.loaded.decoders, served, upload, timeout_s=service.settings.decode_timeout_s, disconnected=gone
-        )
+        with service.intake.holding(served):
+            explained = await explain(
+                service.loaded.decoders, served, upload, timeout_s=service.settings.decode_timeout_s, disconnected=gone
+            )
         return explanation(served, explained, top_k, started)
     answer = await service.intake.classify(served, upload, gone)
     service.metrics.decode_seconds.labels("request").observe(answer.queued_at - started)

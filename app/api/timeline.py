@@ -96,15 +96,16 @@ async def timeline_with(
     placement = Placement.of(served.target, fps, window, stride)  # a bad window is refused before the body is read
     upload = await read_upload(request, None)
     settings = service.settings
-    result = await timeline(
-        service.loaded.decoders,
-        served,
-        upload,
-        placement,
-        max_frames=settings.max_timeline_frames,
-        timeout_s=settings.decode_timeout_s,
-        disconnected=partial(disconnected, request),
-    )
+    with service.intake.holding(served):
+        result = await timeline(
+            service.loaded.decoders,
+            served,
+            upload,
+            placement,
+            max_frames=settings.max_timeline_frames,
+            timeout_s=settings.decode_timeout_s,
+            disconnected=partial(disconnected, request),
+        )
     return answer(served, result)
 
 

@@ -155,6 +155,25 @@ def test_uploads_waiting_to_be_decoded_are_bounded_by_the_queue_limit_and_come_b
     asyncio.run(main())
 
 
+def test_a_timeline_or_explanation_holds_an_upload_place_while_it_runs() -> None:
+    async def main() -> None:
+        h = Harness(FakeModel().run, max_queue=2)
+        waiting = asyncio.ensure_future(h.classify())
+        await until(lambda: len(h.decoders.jobs) == 1)
+        with h.intake.holding(h.served):  # type: ignore[arg-type]
+            with pytest.raises(Overloaded, match="2 uploads waiting to be decoded"):
+                await h.classify()  # one upload and one job: full
+            with pytest.raises(Overloaded), h.intake.holding(h.served):  # type: ignore[arg-type]
+                pass
+        with h.intake.holding(h.served):  # type: ignore[arg-type]  # the job's place came back
+            pass
+        await asyncio.to_thread(h.decoders.finish, 0, pixels(1))
+        assert (await waiting).result.frames == 1
+        await h.close()
+
+    asyncio.run(main())
+
+
 def test_an_upload_whose_client_left_is_withdrawn_and_not_decoded() -> None:
     async def main() -> None:
         h = Harness(FakeModel().run)
