@@ -76,6 +76,12 @@ def summary(service: Service) -> dict[str, Any]:
     }
 
 
+@cache
+def page_html() -> bytes:
+    """The page, read once: it ships with the server and does not change while it runs."""
+    return (PAGE_DIR / "index.html").read_bytes()
+
+
 @router.get(
     "/",
     summary="What this server is and where to look (browsers get the page)",
@@ -84,7 +90,7 @@ def summary(service: Service) -> dict[str, Any]:
 async def root(request: Request, service: ServiceDep) -> Response:
     headers = {"Vary": "Accept"}
     if service.settings.page and wants_page(request):
-        html = (PAGE_DIR / "index.html").read_bytes()
+        html = page_html()
         headers |= {"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"}
         return HTMLResponse(html, headers=headers)
     return JSONResponse(summary(service), headers=headers)
