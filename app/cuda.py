@@ -1,5 +1,6 @@
 """Batches on a CUDA device: staged in pinned memory, copied on a side stream, and replayed from
-CUDA graphs where their shape allows.
+CUDA graphs where their shape allows. A batch of clips decoded on the device
+(``app.gpu_decode``) is put together there and never passes through the host.
 
 ``start`` returns as soon as the batch is queued on the device (``Queued``), so the batcher can
 copy the next batch while this one computes. With graphs, batches whose clips all have the
@@ -36,7 +37,7 @@ class Queued:
 
     def __init__(self, probs: torch.Tensor, done: torch.cuda.Event, keep: torch.Tensor) -> None:
         self._probs, self._done = probs, done
-        self._keep: torch.Tensor | None = keep  # the pinned input, alive until its copy has run
+        self._keep: torch.Tensor | None = keep  # the input (pinned, or on the device), alive until it is read
 
     def result(self) -> torch.Tensor:
         self._done.synchronize()
@@ -68,21 +69,49 @@ class CudaPath:
     def graph_buckets(self) -> list[int]:
         return sorted(clips for clips, _ in self._graphs)
 
-    def start(self, frames: torch.Tensor, lengths: torch.Tensor) -> Queued:
-        pinned = frames.pin_memory()
+    def stage(self, clips: list[torch.Tensor]) -> torch.Tensor:
+        """A batch's clips (T, C, H, W) as one frames tensor (N, C, H, W), channels-last, ready for
+        ``start``. Clips on the host are concatenated straight into pinned memory, the copy that
+        ``start`` would otherwise make; once any clip is on the device (decoded there), the batch is
+        put together on the device, on the compute stream, which may use each clip's memory
+        (``record_stream``) until it has read it."""
+        C, H, W = clips[0].shape[1:]
+        N = sum(clip.shape[0] for clip in clips)
+        if not any(clip.is_cuda for clip in clips):
+            staged = torch.empty((N, H, W, C), dtype=torch.uint8, pin_memory=True).permute(0, 3, 1, 2)
+            return torch.cat(clips, out=staged)
         with torch.cuda.device(self.device):
             compute = torch.cuda.current_stream(self.device)
-            with torch.cuda.stream(self._copy_stream):
-                on_device = pinned.to(self.device, non_blocking=True)
-            with torch.cuda.stream(compute):  # explicit: whatever stream a caller left current
+            with torch.cuda.stream(compute):
+                on_device = []
+                for clip in clips:
+                    if clip.is_cuda:
+                        clip.record_stream(compute)
+                    on_device.append(clip.to(self.device))  # a host clip among device clips: copied in
+                staged = torch.empty((N, H, W, C), dtype=torch.uint8, device=self.device).permute(0, 3, 1, 2)
+                return torch.cat(on_device, out=staged)
+
+    def start(self, frames: torch.Tensor, lengths: torch.Tensor) -> Queued:
+        """Queue a batch: frames (N, C, H, W) uint8 on the host (copied in on the copy stream, from pinned
+        memory: ``stage``'s, or a copy) or on the device already (used where they are)."""
+        with torch.cuda.device(self.device):
+            compute = torch.cuda.current_stream(self.device)
+            if frames.is_cuda:
+                on_device = keep = frames
+                on_device.record_stream(compute)
+            else:
+                keep = frames if frames.is_pinned() else frames.pin_memory()
+                with torch.cuda.stream(self._copy_stream):
+                    on_device = keep.to(self.device, non_blocking=True)
                 compute.wait_stream(self._copy_stream)
-                on_device.record_stream(compute)  # allocated on the copy stream, used on this one
+                on_device.record_stream(compute)  # allocated on the copy stream, used on the compute one
+            with torch.cuda.stream(compute):  # explicit: whatever stream a caller left current
                 probs = self._forward(on_device, lengths)
                 out = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
                 out.copy_(probs, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(compute)
-        return Queued(out, done, pinned)
+        return Queued(out, done, keep)
 
     def _forward(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         clips = lengths.numel()

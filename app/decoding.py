@@ -5,17 +5,25 @@ A decode is asked between frames whether it is still wanted, and stops once its 
 out or its client has left. On the threads, videos (the long decodes) take at most all threads but
 one at a time: the others wait in line without holding a thread, so images keep a thread to decode
 on however many videos arrive.
+
+With a device decoder (``app.gpu_decode.GpuJpeg``, when the model runs on CUDA), every upload is
+parsed on a thread first: one whose frames are all JPEGs the device takes is decoded there, and its
+clip is a tensor (T, C, H, W) on the device; any other (another format, a frame the device refuses,
+a device decode that fails) is decoded on the CPU as without one, in the decode processes where
+there are any. Videos go to a device video decoder where there is one (``app.gpu_decode.GpuVideo``),
+on the threads. The first failure on the device is logged; the upload then decodes on the CPU.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -24,9 +32,50 @@ from app.processes import ProcessDecoders, decode_flagged
 from app.uploads import FrameSplitter, Parsed, Target, Upload, decode_parsed, parse_upload
 from media import Stopped
 
+if TYPE_CHECKING:
+    import torch
+
 T = TypeVar("T")
-Done = Callable[[np.ndarray | None, BaseException | None], None]
+log = logging.getLogger(__name__)
+# a clip: uint8 (T, H, W, C) on the host, or (T, C, H, W) on the model's device (a device decoder's)
+Done = Callable[["np.ndarray | torch.Tensor | None", "BaseException | None"], None]
 Work = Callable[[], None]
+
+
+class DeviceDecoder(Protocol):
+    """Decodes an upload's frames on the model's device (``app.gpu_decode.GpuJpeg``)."""
+
+    def eligible(self, blob: bytes, target: Target) -> bool: ...
+
+    def decode(self, blobs: list[bytes], target: Target) -> torch.Tensor: ...
+
+
+class DeviceVideo(Protocol):
+    """Decodes a video on the model's device (``app.gpu_decode.GpuVideo``)."""
+
+    def decode(self, data: bytes, target: Target, frames: int | None = None) -> torch.Tensor: ...
+
+
+class Handoff:
+    """What withdraws a job that a decode thread hands to a decode process after parsing it. A withdrawal
+    that comes before the handoff is kept and applied then."""
+
+    def __init__(self) -> None:
+        self._withdraw: Callable[[], object] | None = None
+        self._withdrawn = False
+        self._lock = threading.Lock()
+
+    def handed(self, withdraw: Callable[[], object]) -> None:
+        with self._lock:
+            self._withdraw, late = withdraw, self._withdrawn
+        if late:
+            withdraw()
+
+    def __call__(self) -> None:
+        with self._lock:
+            self._withdrawn, withdraw = True, self._withdraw
+        if withdraw is not None:
+            withdraw()
 
 
 class VideoShare:
@@ -59,8 +108,17 @@ class VideoShare:
 
 
 class Decoders:
-    def __init__(self, threads: int, processes: int = 0, split_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        threads: int,
+        processes: int = 0,
+        split_bytes: int = 0,
+        device: DeviceDecoder | None = None,
+        video: DeviceVideo | None = None,
+    ) -> None:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+        self.device, self.video = device, video
+        self.device_failed = False  # a device decode has failed (logged once)
         self.processes = ProcessDecoders(processes) if processes else None
         # a decode process never splits a clip: the split is over this process's threads
         self.splitter = FrameSplitter(self.pool, split_bytes) if split_bytes > 0 and not processes else None
@@ -81,16 +139,20 @@ class Decoders:
         """Decode ``upload`` for ``target``; then ``done(array, None)`` or ``done(None, exc)`` once, on a
         decode thread or on a thread of the process pool. ``skip()`` is true once the request has ended:
         a job not started then is not decoded, one running stops between frames, and ``done`` gets a
-        ``CancelledError``. Returns what withdraws a job from a decode process."""
-        if self.processes is not None:
+        ``CancelledError``. Returns what withdraws a job from a decode process. With a device decoder,
+        the clip may be a tensor on the device (T, C, H, W) instead of an array (T, H, W, C)."""
+        if self.processes is not None and self.device is None and self.video is None:
             return self._in_process(upload, target, done)
+        handoff = Handoff() if self.processes is not None else None
         try:
-            self.pool.submit(self._parse, upload, target, done, skip)
+            self.pool.submit(self._parse, upload, target, done, skip, handoff)
         except RuntimeError as exc:  # the pool is shut down: the server is stopping
             raise NotReady("the server is shutting down") from exc
-        return None
+        return handoff
 
-    def _parse(self, upload: Upload, target: Target, done: Done, skip: Callable[[], bool]) -> None:
+    def _parse(
+        self, upload: Upload, target: Target, done: Done, skip: Callable[[], bool], handoff: Handoff | None = None
+    ) -> None:
         if skip():
             done(None, CancelledError())
             return
@@ -98,6 +160,14 @@ class Decoders:
             parsed = parse_upload(upload, target)
         except Exception as exc:
             done(None, exc)
+            return
+        if parsed.images is not None and self.device is not None:
+            clip = self._on_device(parsed.images, target)
+            if clip is not None:
+                done(clip, None)
+                return
+        if handoff is not None and (parsed.video is None or self.video is None):  # a CPU decode: in a process
+            handoff.handed(self._in_process(upload, target, done))
             return
         work = partial(self._decode, parsed, target, done, skip)
         if parsed.video is None:
@@ -109,13 +179,43 @@ class Decoders:
         try:
             if skip():
                 raise Stopped("the decode is no longer wanted")
-            array = decode_parsed(parsed, target, self.splitter, skip)
+            array: np.ndarray | torch.Tensor | None = self._video_on_device(parsed, target)
+            if array is None:
+                array = decode_parsed(parsed, target, self.splitter, skip)
         except Stopped:
             done(None, CancelledError())
         except Exception as exc:
             done(None, exc)
         else:
             done(array, None)
+
+    def _on_device(self, blobs: list[bytes], target: Target) -> torch.Tensor | None:
+        """The clip of ``blobs`` decoded on the device; None when a frame is not for the device (or the
+        count is wrong: the CPU path says so) or the device decode fails."""
+        device = self.device
+        if device is None or not 0 < len(blobs) <= target.limits.max_frames:
+            return None
+        if not all(device.eligible(blob, target) for blob in blobs):
+            return None
+        try:
+            return device.decode(blobs, target)
+        except Exception as exc:  # the upload decodes on the CPU instead
+            if not self.device_failed:
+                self.device_failed = True
+                log.warning("decoding JPEG frames on the device failed (%s); such uploads decode on the CPU", exc)
+            return None
+
+    def _video_on_device(self, parsed: Parsed, target: Target) -> torch.Tensor | None:
+        """A video decoded on the device, or None (no device video decoder, or it failed: logged once)."""
+        if self.video is None or parsed.video is None:
+            return None
+        try:
+            return self.video.decode(parsed.video, target, parsed.frames)
+        except Exception as exc:  # decoded on the CPU instead
+            if not self.device_failed:
+                self.device_failed = True
+                log.warning("decoding a video on the device failed (%s); it decodes on the CPU", exc)
+            return None
 
     def _in_process(self, upload: Upload, target: Target, done: Done) -> Callable[[], object]:
         assert self.processes is not None

@@ -159,7 +159,11 @@ class Intake:
 
     @staticmethod
     def _decoded(
-        queue: ClipQueue, slots: Slots, tickets: list[Ticket], array: np.ndarray | None, exc: BaseException | None
+        queue: ClipQueue,
+        slots: Slots,
+        tickets: list[Ticket],
+        array: np.ndarray | torch.Tensor | None,
+        exc: BaseException | None,
     ) -> None:
         """On a decode thread: queue the decoded clip, or answer its tickets with the failure."""
         try:
@@ -174,7 +178,8 @@ class Intake:
                     settle(t, exc=exc)
             else:
                 try:
-                    queue.enqueue(tickets, [array_to_clip(array)])  # type: ignore[arg-type]
+                    clip = array if isinstance(array, torch.Tensor) else array_to_clip(array)  # type: ignore[arg-type]
+                    queue.enqueue(tickets, [clip])  # decoded on the device already, or wrapped without a copy
                 except Exception as refused:  # a full queue, or shutting down
                     for t in tickets:
                         settle(t, exc=refused)

@@ -17,6 +17,7 @@ from app.autotune import MAX_SIZE as AUTOTUNE_MAX
 from app.autotune import choose_batch_limits
 from app.batching import Batcher, BatchPolicy
 from app.decoding import Decoders
+from app.gpu_decode import GpuJpeg, GpuVideo
 from app.memory import HeapRelease
 from app.metrics import Metrics
 from app.runtime import ModelRuntime, pick_precision
@@ -141,6 +142,7 @@ def serve(runtime: ModelRuntime, s: Settings, metrics: Metrics, release: HeapRel
         on_batch=metrics.batch_observer(name),
         on_drop=metrics.drop_observer(name),
         after_batch=release.tick,
+        stage=runtime.stage,
     )
     metrics.model_info.labels(
         name, runtime.version, str(runtime.device), runtime.checkpoint.model.config.head.name
@@ -212,9 +214,43 @@ def decode_processes(s: Settings, device: torch.device) -> int:
     return min(8, cores // 2) if device.type == "cuda" and cores >= 4 else 0
 
 
+def device_decoder(s: Settings, device: torch.device) -> GpuJpeg | None:
+    """The JPEG decoder on the model's device (nvJPEG), when the model runs on CUDA, ``GPU_DECODE`` is on
+    and torchvision can decode there; None otherwise, with the reason logged."""
+    if device.type != "cuda":
+        return None
+    if not s.gpu_decode:
+        log.info("JPEG frames decode on the CPU: GPU_DECODE is off")
+        return None
+    reason = GpuJpeg.unavailable(device)
+    if reason is not None:
+        log.warning("JPEG frames decode on the CPU: %s", reason)
+        return None
+    log.info("JPEG frames decode on %s (nvJPEG); other images and videos on the CPU", device)
+    return GpuJpeg(device)
+
+
+def device_video(s: Settings, device: torch.device) -> GpuVideo | None:
+    """The video decoder on the model's device (NVDEC through torchcodec), where torchcodec imports."""
+    if device.type != "cuda" or not s.gpu_decode:
+        return None
+    reason = GpuVideo.unavailable(device)
+    if reason is not None:
+        log.info("videos decode on the CPU (PyAV): %s", reason)
+        return None
+    log.info("videos decode on %s (torchcodec, NVDEC)", device)
+    return GpuVideo(device)
+
+
 def start_decoders(s: Settings, device: torch.device, metrics: Metrics) -> Decoders:
     processes = decode_processes(s, device)
-    decoders = Decoders(s.decode_workers, processes, int(s.decode_split_kb * 1024))
+    decoders = Decoders(
+        s.decode_workers,
+        processes,
+        int(s.decode_split_kb * 1024),
+        device=device_decoder(s, device),
+        video=device_video(s, device),
+    )
     if processes:
         log.info("decoding in %d processes: %s", processes, decoders.start())
     metrics.decoder_restarts.set_function(partial(getattr, decoders, "restarts"))

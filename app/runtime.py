@@ -106,6 +106,13 @@ class ModelRuntime:
         """Most frames per encoder pass (None: a batch's frames in one pass)."""
         return self.checkpoint.model.frames_per_pass
 
+    def stage(self, clips: list[torch.Tensor]) -> torch.Tensor:
+        """A batch's clips (T, C, H, W) as the frames (N, C, H, W) that ``run`` takes: on CUDA staged
+        for the copy, or put together on the device (``CudaPath.stage``); on the CPU ``torch.cat``."""
+        if self._cuda is not None:
+            return self._cuda.stage(clips)
+        return torch.cat(clips)
+
     @torch.inference_mode()
     def run(self, frames: torch.Tensor, lengths: torch.Tensor) -> Done | Queued:
         """Start one batch: frames (N, C, H, W) uint8 of B clips, lengths (B,); its ``result()`` is the

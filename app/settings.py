@@ -70,6 +70,9 @@ class DecodingSettings(BaseModel):
     decode_timeout_s: float = Field(
         60.0, gt=0, description="an upload not decoded this long after it was read gets 504"
     )
+    gpu_decode: bool = Field(
+        True, description="on CUDA, decode JPEG frames on the GPU (nvJPEG) where torchvision can; the rest on the CPU"
+    )
 
 
 class CpuSettings(BaseModel):
@@ -103,6 +106,12 @@ class HttpSettings(BaseModel):
     loop: Literal["auto", "asyncio", "uvloop"] = Field("auto", description="uvicorn's event loop")
     http: Literal["auto", "h11", "httptools"] = Field("auto", description="uvicorn's HTTP/1.1 parser")
     drain_s: float = Field(0.0, ge=0, description="after SIGTERM, seconds of 503 on readiness before closing")
+    frontends: int = Field(
+        1, ge=1, description="HTTP processes sharing the port, beside one engine process that runs the models"
+    )
+    frontend_shm_mb: float = Field(
+        256.0, gt=0, description="shared memory per front end for the decoded clips it hands the engine"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     page: bool = Field(True, description="serve the page at / to browsers (JSON clients get the summary either way)")
 

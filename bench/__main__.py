@@ -5,7 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import backbones, ceiling, compare, data_pipeline, explain, heap, rollout, serve, streams, timeline
+from bench import (
+    backbones,
+    ceiling,
+    compare,
+    data_pipeline,
+    explain,
+    gpu_decode,
+    heap,
+    rollout,
+    serve,
+    streams,
+    timeline,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_parser(sub)
     data_pipeline.add_parser(sub)
     explain.add_parser(sub)
+    gpu_decode.add_parser(sub)
     heap.add_parser(sub)
     rollout.add_parser(sub)
     serve.add_parser(sub)

@@ -7,10 +7,13 @@
 #    batches in flight); 3. the real server under load (defaults: on CUDA, decoding in
 #    processes), with its in-process ceiling measured in the same run; 4. A/B runs: decode
 #    threads against the default processes, self-tuned against MAX_BATCH_SIZE=1 (seed-shaped
-#    and bundled model), and fp32 without CUDA graphs against the defaults (bf16, graphs).
+#    and bundled model), and fp32 without CUDA graphs against the defaults (bf16, graphs);
+# 5. decoding on the GPU: its pixel tests against the CPU path (the figures printed), and nvJPEG's
+#    decode rate against the CPU decoders with the bundled model's accuracy on its test split from
+#    CPU- and GPU-decoded JPEGs (bench/gpu_decode.py).
 # wrk is the client when it is on PATH (far less client CPU than the Python client). Each
 # step's JSON lands in OUTDIR; a step that fails is reported and the next one still runs.
-# PYTHON picks the interpreter. About 6 minutes on one H200; 9 files (tar OUTDIR where a
+# PYTHON picks the interpreter. About 7 minutes on one H200; 10 files (tar OUTDIR where a
 # machine hands back fewer).
 set -u
 out=${1:?usage: bench/gpu_check.sh OUTDIR}
@@ -44,4 +47,6 @@ step "compare bundled self-tuned vs MAX_BATCH_SIZE=1" "$py" -m bench compare --a
 step "compare fp32 eager vs bf16 + graphs" "$py" -m bench compare --checkpoint seed \
     --a FUSIONSERVE_PRECISION=fp32,FUSIONSERVE_CUDA_GRAPHS=false --b '' --concurrency 1 8 "${short[@]}" \
     --out "$out/compare-cuda-fp32-eager-vs-default.json"
+step "gpu decode pixel tests" "$py" -m pytest -q -s -m gpu -p no:cacheprovider tests/app/test_gpu_decode.py
+step "gpu decode rate and accuracy" "$py" -m bench gpu-decode --accuracy --min-time 0.5 --out "$out/gpu-decode.json"
 exit $status

@@ -40,6 +40,7 @@ class Pending(Protocol):
 
 
 Run = Callable[[torch.Tensor, torch.Tensor], Pending]  # (frames (N, C, H, W) uint8, lengths (B,)) -> Pending
+Stage = Callable[[list[torch.Tensor]], torch.Tensor]  # clips (T, C, H, W) -> frames (N, C, H, W)
 
 
 @dataclass
@@ -54,7 +55,9 @@ class Batcher:
     """``policy.instances`` worker threads that take batches from one ``ClipQueue`` and ``run`` them.
 
     ``on_batch`` gets each answered batch's statistics, ``after_batch`` runs in the worker after
-    each batch (housekeeping such as ``app.memory.HeapRelease``).
+    each batch (housekeeping such as ``app.memory.HeapRelease``). ``stage`` puts a batch's clips
+    together for ``run`` (``ModelRuntime.stage``: on CUDA straight into pinned memory, or on the
+    device for clips decoded there); by default ``torch.cat``.
     """
 
     def __init__(
@@ -66,8 +69,10 @@ class Batcher:
         on_batch: Callable[[BatchStats], None] | None = None,
         on_drop: Callable[[str], None] | None = None,
         after_batch: Callable[[], object] | None = None,
+        stage: Stage | None = None,
     ) -> None:
         self.name, self.policy, self._run = name, policy, run
+        self._stage: Stage = stage or torch.cat
         self.queue = ClipQueue(name, policy, on_drop)
         self._on_batch = on_batch or (lambda stats: None)
         self._after_batch = after_batch
@@ -126,7 +131,7 @@ class Batcher:
     def _start(self, batch: list[Ticket]) -> _InFlight | None:
         """Start ``batch``; answered now when its result is ready, else returned to finish later."""
         started = time.perf_counter()
-        frames = torch.cat([t.clip for t in batch])  # (N, C, H, W)
+        frames = self._stage([t.clip for t in batch])  # (N, C, H, W)
         lengths = torch.tensor([t.clip.shape[0] for t in batch])  # (B,)
         try:
             pending = self._run(frames, lengths)
