@@ -12,12 +12,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from app import __version__
 from app.api import ops, page, predict, streams, timeline, v2
 from app.api.errors import install_handlers
 from app.api.middleware import BodyDecoding, BodyLimit, BodyLimits, Inflight, RequestMetrics
+from app.api.proxy import EngineProxy, FrontDoor
 from app.budget import MemoryBudget, memory_limit
+from app.decoding import Decoders
+from app.frontends import arena
+from app.frontends.link import EngineLink, RemoteModel, RemoteService
+from app.frontends.relay import RelayedMetrics
+from app.frontends.supervisor import Engine
 from app.loading import load
 from app.metrics import Metrics
 from app.service import Service
@@ -27,7 +34,9 @@ from host.malloc import tune_malloc
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """The whole service in this process; with ``engine``, the engine of ``FRONTENDS`` front ends, which
+    it starts once the models are ready and stops before it closes."""
     settings = settings or Settings()
     tune_malloc()  # before the first large allocation (host.malloc)
     metrics = Metrics()
@@ -43,9 +52,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.service = service
         service.start()
         log.info("ready: %s (default %s)", ", ".join(service.models), service.default_model)
+        if engine is not None:
+            metrics.frontend_restarts.set_function(lambda: engine.restarts)
+            await engine.start(service)
         try:
             yield
         finally:
+            if engine is not None:
+                await engine.close()  # the front ends first: they answer what they accepted through the engine
             log.info("shutting down: answering accepted requests")
             await service.close()
 
@@ -59,6 +73,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "Plain JSON under /predict and /models, the KServe v2 / Open Inference Protocol under /v2.",
     )
     install_handlers(app)
+    add_middleware(app, settings, budget, metrics)
+    routers = (page.router, predict.router, predict.models_router, streams.router, timeline.router)
+    for router in (*routers, v2.health, v2.router, v2.infer_router, ops.router):
+        app.include_router(router)
+    page.mount_assets(app, settings.page)
+    return app
+
+
+def add_middleware(app: FastAPI, settings: Settings, budget: MemoryBudget, metrics: object) -> None:
     mb = 1024 * 1024
     limits = BodyLimits(
         upload=settings.max_upload_bytes, json=int(settings.max_json_mb * mb), video=int(settings.max_video_mb * mb)
@@ -67,7 +90,54 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyDecoding, limits=limits)  # inside the limit on the wire's bytes
     app.add_middleware(BodyLimit, limits=limits)
     app.add_middleware(RequestMetrics, metrics=metrics)
-    for router in (page.router, predict.router, streams.router, timeline.router, v2.health, v2.router, ops.router):
+
+
+def create_frontend_app(settings: Settings, index: int, arena_fd: int, run_dir: str) -> ASGIApp:
+    """Front end ``index`` of the engine whose sockets lie in ``run_dir`` (``app.frontends``): the classifying
+    routes served here, with ``arena_fd``'s shared memory for the clips; the rest passed to the engine."""
+    tune_malloc()
+    inflight_mb = settings.max_inflight_mb or memory_limit() / 4 / (1 << 20)
+    budget = MemoryBudget(int(inflight_mb * (1 << 20) / settings.frontends))  # the server's budget, shared out
+    memory = arena.mapping(arena_fd)
+    proxy = EngineProxy(f"{run_dir}/engine.sock")
+    relay: list[RelayedMetrics] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        link, hello = await EngineLink.connect(f"{run_dir}/clips.sock", index, memory)
+        metrics = RelayedMetrics(link, index)
+        relay.append(metrics)
+        app.state.metrics_relay = metrics
+        decoders = Decoders(settings.decode_workers, 0, int(settings.decode_split_kb * 1024))
+        models = {m["name"]: RemoteModel.of(m) for m in hello["models"]}
+        app.state.service = RemoteService(settings, metrics, link, models, hello["default"], decoders)
+        try:
+            yield
+        finally:
+            metrics.flush()
+            await link.close()
+            await proxy.close()
+            await asyncio.to_thread(decoders.shutdown)
+
+    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    install_handlers(app)
+    add_middleware(app, settings, budget, _Relayed(relay))
+    for router in (predict.router, v2.infer_router):
         app.include_router(router)
-    page.mount_assets(app, settings.page)
-    return app
+
+    async def flush() -> None:
+        if relay:
+            relay[0].flush()
+            await relay[0].link.sync()
+
+    return FrontDoor(app, proxy, flush)
+
+
+class _Relayed:
+    """The relay, once the lifespan has made it (the middleware is built before)."""
+
+    def __init__(self, holder: list[RelayedMetrics]) -> None:
+        self.holder = holder
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.holder[0], name)

@@ -107,6 +107,12 @@ class Metrics:
         self.inflight_bytes = Gauge(
             "fusionserve_inflight_bytes", "request body bytes in flight, against MAX_INFLIGHT_MB", registry=r
         )
+        self.frontend_requests = Counter(
+            "fusionserve_frontend_requests", "requests each front end served (FRONTENDS)", ["frontend"], registry=r
+        )
+        self.frontend_restarts = Gauge(
+            "fusionserve_frontend_restarts", "front ends started again after one exited (FRONTENDS)", registry=r
+        )
         self.decoder_restarts = Gauge(
             "fusionserve_decoder_restarts",
             "times the decode processes were replaced after one died (DECODE_PROCESSES)",

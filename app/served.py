@@ -4,13 +4,32 @@ decode to."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from app.batching import Batcher
 from app.runtime import ModelRuntime
 from app.streams import Stepper
 from app.uploads import Target
 from models import InputSpec
+
+
+class ModelView(Protocol):
+    """A model as the classifying routes see it: enough to check a request and word its answer."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def labels(self) -> list[str]: ...
+
+    @property
+    def target(self) -> Target: ...
+
+    @property
+    def max_queue(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -36,3 +55,7 @@ class ServedModel:
     @property
     def spec(self) -> InputSpec:
         return self.runtime.spec
+
+    @property
+    def max_queue(self) -> int:
+        return self.batcher.policy.max_queue

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.errors import Unauthorized
-from app.service import Service
+from app.service import Service, Serving
 
 
 async def get_service(request: Request) -> Service:
@@ -21,13 +21,22 @@ async def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
+async def get_serving(request: Request) -> Serving:
+    """What the classifying routes take: the service, or in a front end the link to the engine."""
+    serving: Serving = request.app.state.service
+    return serving
+
+
+ServingDep = Annotated[Serving, Depends(get_serving)]
+
+
 async def disconnected(request: Request) -> None:
     """Returns once the client has gone (its body is read by then, so nothing else arrives)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
 
-async def require_api_key(request: Request, service: ServiceDep) -> None:
+async def require_api_key(request: Request, service: ServingDep) -> None:
     """With ``FUSIONSERVE_API_KEY`` set, require it as ``Authorization: Bearer`` or ``X-API-Key``."""
     expected = service.settings.api_key
     if expected is None:

@@ -8,16 +8,17 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from app.api.deps import ServiceDep, disconnected, require_api_key
+from app.api.deps import ServiceDep, ServingDep, disconnected, require_api_key
 from app.api.openapi import ERRORS, PREDICT_BODY
 from app.api.schemas import ModelInfo, ModelList, Prediction, Timing, TopK
 from app.errors import UnsupportedMedia
-from app.explain import Explained, explain
-from app.served import ServedModel
-from app.service import Service
+from app.explain import Explained
+from app.served import ModelView, ServedModel
+from app.service import Service, Serving
 from app.uploads import Upload
 
-router = APIRouter(dependencies=[Depends(require_api_key)], tags=["predict"])
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["predict"])  # classifying: served by front ends too
+models_router = APIRouter(dependencies=[Depends(require_api_key)], tags=["predict"])
 
 TopKQuery = Annotated[int, Query(ge=1, le=1000, description="how many labels to list in top_k")]
 FramesQuery = Annotated[int | None, Query(ge=1, description="frames to sample from a video (default: the model's)")]
@@ -41,7 +42,7 @@ async def read_upload(request: Request, frames: int | None) -> Upload:
 
 
 async def predict_with(
-    request: Request, service: Service, name: str | None, top_k: int, frames: int | None, explaining: bool = False
+    request: Request, service: Serving, name: str | None, top_k: int, frames: int | None, explaining: bool = False
 ) -> Prediction:
     started = time.perf_counter()
     service.check_accepting()
@@ -49,11 +50,7 @@ async def predict_with(
     upload = await read_upload(request, frames)
     gone = partial(disconnected, request)
     if explaining:
-        with service.intake.holding(served):
-            explained = await explain(
-                service.loaded.decoders, served, upload, timeout_s=service.settings.decode_timeout_s, disconnected=gone
-            )
-        return explanation(served, explained, top_k, started)
+        return explanation(served, await service.explain(served, upload, gone), top_k, started)
     answer = await service.intake.classify(served, upload, gone)
     service.metrics.decode_seconds.labels("request").observe(answer.queued_at - started)
     result = answer.result
@@ -62,7 +59,7 @@ async def predict_with(
 
 
 def prediction(
-    served: ServedModel,
+    served: ModelView,
     probs: list[float],
     frames: int,
     top_k: int,
@@ -89,7 +86,7 @@ def prediction(
     )
 
 
-def explanation(served: ServedModel, result: Explained, top_k: int, started: float) -> Prediction:
+def explanation(served: ModelView, result: Explained, top_k: int, started: float) -> Prediction:
     ex = result.explanation
     timing = (result.decode_s, 0.0, result.inference_s)
     attention = None if ex.attention is None else ex.attention.tolist()
@@ -119,7 +116,7 @@ def ms(seconds: float) -> float:
 )
 async def predict(
     request: Request,
-    service: ServiceDep,
+    service: ServingDep,
     top_k: TopKQuery = 5,
     frames: FramesQuery = None,
     explain: ExplainQuery = None,
@@ -145,7 +142,7 @@ async def predict(
 async def predict_named(
     name: str,
     request: Request,
-    service: ServiceDep,
+    service: ServingDep,
     top_k: TopKQuery = 5,
     frames: FramesQuery = None,
     explain: ExplainQuery = None,
@@ -183,12 +180,12 @@ def model_info(service: Service, served: ServedModel) -> ModelInfo:
     )
 
 
-@router.get("/models", response_model=ModelList, summary="List the loaded models")
+@models_router.get("/models", response_model=ModelList, summary="List the loaded models")
 async def list_models(service: ServiceDep) -> ModelList:
     return ModelList(default=service.default_model, models=[model_info(service, m) for m in service.models.values()])
 
 
-@router.get(
+@models_router.get(
     "/models/{name}",
     response_model=ModelInfo,
     responses={404: ERRORS[404]},

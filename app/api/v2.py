@@ -11,26 +11,25 @@ import json
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from app import __version__
-from app.api.deps import ServiceDep, disconnected, require_api_key
-from app.api.kserve import InferRequest, SequenceParams, encode_output, parse_infer
+from app.api.deps import ServiceDep, ServingDep, disconnected, require_api_key
+from app.api.kserve import InferRequest, encode_output, parse_infer
 from app.api.openapi import INFER_BODY, INPUT, OUTPUT, V2_ERRORS
 from app.errors import NotFound
 from app.preprocess import tensor_to_clips
-from app.served import ServedModel
-from app.service import Service
-from app.streams import append
+from app.served import ModelView, ServedModel
+from app.service import Service, Serving
 
 HEADER = "inference-header-content-length"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 
 health = APIRouter(prefix="/v2", tags=["kserve-v2"])
 router = APIRouter(prefix="/v2", tags=["kserve-v2"], dependencies=[Depends(require_api_key)])
+infer_router = APIRouter(prefix="/v2", tags=["kserve-v2"], dependencies=[Depends(require_api_key)])  # front ends too
 
 
 _AUTH: dict[int | str, dict[str, Any]] = {401: V2_ERRORS[401]}
@@ -57,7 +56,7 @@ async def ready(service: ServiceDep) -> JSONResponse:
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
-def served_version(service: Service, name: str, version: str | None) -> ServedModel:
+def served_version(service: Serving, name: str, version: str | None) -> ModelView:
     served = service.model(name)
     if version not in (None, "", served.version):
         raise NotFound(f"model {name!r} has no version {version!r}; it serves {served.version!r}")
@@ -78,12 +77,13 @@ def metadata(served: ServedModel) -> dict[str, Any]:
 
 @router.get("/models/{name}", summary="Model metadata", responses=_MODEL)
 async def model_metadata(name: str, service: ServiceDep) -> dict[str, Any]:
-    return metadata(served_version(service, name, None))
+    return metadata(service.model(name))
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model metadata, of one version", responses=_MODEL)
 async def model_version_metadata(name: str, version: str, service: ServiceDep) -> dict[str, Any]:
-    return metadata(served_version(service, name, version))
+    served_version(service, name, version)
+    return metadata(service.model(name))
 
 
 def readiness(service: Service, served: ServedModel) -> JSONResponse:
@@ -96,60 +96,46 @@ _READY: dict[int | str, dict[str, Any]] = {**_MODEL, 503: {"description": "not r
 
 @router.get("/models/{name}/ready", summary="Model readiness", responses=_READY)
 async def model_ready(name: str, service: ServiceDep) -> JSONResponse:
-    return readiness(service, served_version(service, name, None))
+    return readiness(service, service.model(name))
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="Model readiness, of one version", responses=_READY)
 async def model_version_ready(name: str, version: str, service: ServiceDep) -> JSONResponse:
-    return readiness(service, served_version(service, name, version))
+    served_version(service, name, version)
+    return readiness(service, service.model(name))
 
 
-@router.post(
+@infer_router.post(
     "/models/{name}/infer",
     summary="Inference (JSON, or JSON header + binary tensors)",
     openapi_extra=INFER_BODY,
     responses=V2_ERRORS,
 )
-async def infer(name: str, request: Request, service: ServiceDep) -> Response:
+async def infer(name: str, request: Request, service: ServingDep) -> Response:
     return await infer_with(request, service, name, None)
 
 
-@router.post(
+@infer_router.post(
     "/models/{name}/versions/{version}/infer",
     summary="Inference on one version",
     openapi_extra=INFER_BODY,
     responses=V2_ERRORS,
 )
-async def infer_version(name: str, version: str, request: Request, service: ServiceDep) -> Response:
+async def infer_version(name: str, version: str, request: Request, service: ServingDep) -> Response:
     return await infer_with(request, service, name, version)
 
 
-async def in_sequence(service: Service, served: ServedModel, params: SequenceParams, clip: torch.Tensor) -> np.ndarray:
-    """Append ``clip`` (T, C, H, W) to its sequence (docs/streams.md): the probabilities after its last frame."""
-    sequence = service.streams.sequence(served.stepper, served.name, params.id, params.start)
-    ending = params.end
-    try:
-        return await append(
-            sequence, clip.permute(0, 2, 3, 1).numpy(), params.start, service.settings.request_timeout_s
-        )
-    except Exception:
-        ending = True  # its state no longer follows what the client sent: a next request must start over
-        raise
-    finally:
-        if ending:
-            service.streams.end(served.name, params.id, sequence)
-
-
-async def infer_with(request: Request, service: Service, name: str, version: str | None) -> Response:
+async def infer_with(request: Request, service: Serving, name: str, version: str | None) -> Response:
     service.check_accepting()
     served = served_version(service, name, version)
     body = await request.body()
     intake = service.intake
-    max_clips = served.batcher.policy.max_queue
+    max_clips = served.max_queue
     req: InferRequest = await intake.off_loop(parse_infer, body, request.headers.get(HEADER), served.target, max_clips)
     clips: list[torch.Tensor] = await intake.off_loop(tensor_to_clips, req.array, served.target.format)
     if req.sequence is not None:
-        probs = (await in_sequence(service, served, req.sequence, clips[0]))[None]
+        seq = req.sequence
+        probs = (await service.append_sequence(served, seq.id, seq.start, seq.end, clips[0]))[None]
     else:
         results = await intake.classify_clips(served, clips, partial(disconnected, request))
         probs = torch.stack([r.probabilities for r in results]).numpy()

@@ -13,14 +13,15 @@ import pytest
 from PIL import Image
 
 from tests.support.media import claim_size, encode, multipart_frames, synth_clip
-from tests.support.servers import live_server, metric_value
+from tests.support.servers import SERVER_KINDS, live_server, metric_value, server_of
 
 KEY = "s3cret-test-key"
 
 
-@pytest.fixture(scope="module")
-def server(default_ckpt: Path):  # type: ignore[no-untyped-def]
-    with live_server(checkpoint=default_ckpt, max_frames=20, max_upload_mb=1, max_pixels=1024 * 1024) as url:
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def server(default_ckpt: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    limits = {"max_frames": 20, "max_upload_mb": 1, "max_pixels": 1024 * 1024}
+    with server_of(request.param, checkpoint=default_ckpt, **limits) as url:
         yield url
 
 

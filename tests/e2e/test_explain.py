@@ -13,19 +13,20 @@ import torch
 from models import default_checkpoint, load_checkpoint
 from models.explain import occlusion
 from tests.support.media import encode, multipart_frames, synth_clip, write_mp4
-from tests.support.servers import live_server
+from tests.support.servers import SERVER_KINDS, server_of
 
 MODELS = ("moving-digits-lstm", "moving-digits-attention")
 KEY = "explain-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     folder = tmp_path_factory.mktemp("explain-models")
     for name in MODELS:
         shutil.copy(default_checkpoint().parent / f"{name}.safetensors", folder)
-    with live_server(checkpoint=folder, default_model=MODELS[0], max_batch_size=4, api_key=KEY) as url:
+    settings = {"checkpoint": folder, "default_model": MODELS[0], "max_batch_size": 4, "api_key": KEY}
+    with server_of(request.param, **settings) as url:
         yield url
 
 

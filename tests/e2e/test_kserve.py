@@ -13,14 +13,14 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from tests.support.media import encode, multipart_frames, synth_clip
-from tests.support.servers import live_server
+from tests.support.servers import SERVER_KINDS, server_of
 
 MODEL = "moving-digits-lstm"
 
 
-@pytest.fixture(scope="module")
-def server(default_ckpt: Path):  # type: ignore[no-untyped-def]
-    with live_server(checkpoint=default_ckpt) as url:
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def server(default_ckpt: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    with server_of(request.param, checkpoint=default_ckpt) as url:
         yield url
 
 

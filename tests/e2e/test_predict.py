@@ -12,12 +12,12 @@ import pytest
 
 from tests.support.clips import check_answer, images_clip, reference, video_clip
 from tests.support.media import encode, multipart_frames, synth_clip, write_mp4
-from tests.support.servers import live_server, metric_value
+from tests.support.servers import SERVER_KINDS, live_server, metric_value, server_of
 
 
-@pytest.fixture(scope="module")
-def server(default_ckpt: Path):  # type: ignore[no-untyped-def]
-    with live_server(checkpoint=default_ckpt, max_batch_size=32) as url:
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def server(default_ckpt: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    with server_of(request.param, checkpoint=default_ckpt, max_batch_size=32) as url:
         yield url
 
 

@@ -23,7 +23,7 @@ from websockets.typing import Subprotocol
 
 from models import default_checkpoint
 from tests.support.media import encode, multipart_frames, picture, synth_clip
-from tests.support.servers import live_server
+from tests.support.servers import SERVER_KINDS, live_server, server_of
 from tests.support.waiting import wait_for
 
 LSTM, ATTENTION = "moving-digits-lstm", "moving-digits-attention"
@@ -34,11 +34,12 @@ def ws_url(url: str, path: str = "/stream") -> str:
     return url.replace("http://", "ws://") + path
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def server(request: pytest.FixtureRequest) -> Iterator[str]:
     """Both bundled models (the LSTM steps, the attention model answers from a window)."""
     # the step batch cap set, not measured: the batching test needs room for it on a busy machine
-    with live_server(checkpoint=default_checkpoint().parent, default_model=LSTM, stream_max_batch=64) as url:
+    settings = {"checkpoint": default_checkpoint().parent, "default_model": LSTM, "stream_max_batch": 64}
+    with server_of(request.param, **settings) as url:
         yield url
 
 

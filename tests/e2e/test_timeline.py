@@ -16,21 +16,22 @@ import pytest
 
 from models import default_checkpoint
 from tests.support.media import encode, multipart_frames, synth_clip, write_mp4
-from tests.support.servers import live_server
+from tests.support.servers import SERVER_KINDS, live_server, server_of
 
 MODELS = ("moving-digits-lstm", "moving-digits-attention")
 MOTIONS = ("left", "up", "right", "down")  # 4 x 60 frames: 240 frames, 10 s at 24 fps
 KEY = "timeline-key"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     """Both bundled models; at most 100 sampled frames a timeline."""
     folder = tmp_path_factory.mktemp("timeline-models")
     bundled = default_checkpoint().parent
     for name in MODELS:
         shutil.copy(bundled / f"{name}.safetensors", folder)
-    with live_server(checkpoint=folder, default_model=MODELS[0], max_batch_size=8, max_timeline_frames=100) as url:
+    settings = {"checkpoint": folder, "default_model": MODELS[0], "max_batch_size": 8, "max_timeline_frames": 100}
+    with server_of(request.param, **settings) as url:
         yield url
 
 

@@ -100,12 +100,52 @@ def spawn_server(
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text, 0 when absent."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    """The sum of the samples of ``name`` in Prometheus text whose labels include ``labels`` (every sample
+    of it when none are given), 0 when there are none."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name) and not line.startswith("#"):
             key, value = line.rsplit(" ", 1)
-            if key == name or (want and key.startswith(name + "{") and all(p in key for p in want.split(","))):
+            if key == name or (key.startswith(name + "{") and all(p in key for p in want)):
                 total += float(value)
     return total
+
+
+def flags_of(**settings: Any) -> list[str]:
+    """``python -m app`` flags for settings given as ``Settings`` keywords."""
+    flags = []
+    for name, value in settings.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+@contextlib.contextmanager
+def frontends_server(frontends: int = 2, **settings: Any) -> Iterator[str]:
+    """``python -m app --frontends N`` (an engine and N front ends) with ``settings``; yields the base URL."""
+    with spawn_server("--frontends", str(frontends), *flags_of(**settings)) as (_, url):
+        yield url
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started that still run (Linux)."""
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(p) for p in f.read().split()]
+    return sorted(found)
+
+
+SERVER_KINDS = ("one process", "two front ends")  # the e2e modules that run against both take this as params
+
+
+@contextlib.contextmanager
+def server_of(kind: str, **settings: Any) -> Iterator[str]:
+    """A server of ``kind`` (one of ``SERVER_KINDS``) with ``settings``: ``live_server`` or ``frontends_server``."""
+    chosen = live_server(**settings) if kind == SERVER_KINDS[0] else frontends_server(2, **settings)
+    with chosen as url:
+        yield url
