@@ -29,7 +29,7 @@ import numpy as np
 
 from app.errors import NotReady
 from app.processes import ProcessDecoders, decode_flagged
-from app.uploads import FrameSplitter, Parsed, Target, Upload, decode_parsed, parse_upload
+from app.uploads import FrameSplitter, Parsed, Target, Upload, decode_parsed, image_frames, parse_upload
 from media import Stopped
 
 if TYPE_CHECKING:
@@ -204,6 +204,12 @@ class Decoders:
                 self.device_failed = True
                 log.warning("decoding JPEG frames on the device failed (%s); such uploads decode on the CPU", exc)
             return None
+
+    def decode_images(self, blobs: list[bytes], target: Target) -> np.ndarray | torch.Tensor:
+        """Encoded frames -> their clip, on the device where it takes them, else on the CPU (blocking: on a
+        decode thread). A front end sends the engine JPEG frames the device takes (``app.frontends``)."""
+        clip = self._on_device(blobs, target)
+        return clip if clip is not None else image_frames(blobs, target, self.splitter)
 
     def _video_on_device(self, parsed: Parsed, target: Target) -> torch.Tensor | None:
         """A video decoded on the device, or None (no device video decoder, or it failed: logged once)."""

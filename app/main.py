@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -111,9 +113,11 @@ def create_frontend_app(settings: Settings, index: int, arena_fd: int, run_dir: 
         decoders = Decoders(settings.decode_workers, 0, int(settings.decode_split_kb * 1024))
         models = {m["name"]: RemoteModel.of(m) for m in hello["models"]}
         app.state.service = RemoteService(settings, metrics, link, models, hello["default"], decoders)
+        orphaned = asyncio.create_task(stop_when_gone(link))
         try:
             yield
         finally:
+            orphaned.cancel()
             metrics.flush()
             await link.close()
             await proxy.close()
@@ -131,6 +135,13 @@ def create_frontend_app(settings: Settings, index: int, arena_fd: int, run_dir: 
             await relay[0].link.sync()
 
     return FrontDoor(app, proxy, flush)
+
+
+async def stop_when_gone(link: EngineLink) -> None:
+    """A front end whose engine has gone (killed, crashed) stops as on SIGTERM: it cannot answer anything."""
+    await link.closed.wait()
+    log.error("the engine has gone; this front end stops")
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class _Relayed:

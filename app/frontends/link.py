@@ -31,9 +31,10 @@ from app.decoding import Decoders
 from app.errors import ClientGone, DecoderFailed, NotFound, NotReady, TimedOut
 from app.explain import Explained
 from app.frontends import arena, wire
+from app.gpu_decode import GpuJpeg
 from app.intake import Answer, Disconnected, Slots
 from app.settings import Settings
-from app.uploads import Target, Upload
+from app.uploads import Target, Upload, parse_upload
 from media import FrameFormat, Limits
 from models.explain import Explanation
 
@@ -65,6 +66,7 @@ class EngineLink:
         self.reader, self.writer, self.memory = reader, writer, memory
         self.blocks = arena.Blocks(len(memory))
         self.draining = False  # the engine has begun to shut down: new requests get 503
+        self.device_jpeg = False  # the engine decodes JPEG frames on its device: they are sent undecoded
         self.closed = asyncio.Event()
         self._ids = itertools.count()
         self._waiting: dict[int, asyncio.Future[tuple[Head, bytes]]] = {}
@@ -77,6 +79,7 @@ class EngineLink:
         writer.writelines(wire.pack({"op": "hello", "frontend": index}))
         hello, _ = await wire.read(reader)
         link.draining = hello.get("draining", False)
+        link.device_jpeg = hello.get("device_jpeg", False)
         link._reading = asyncio.create_task(link._read())
         return link, hello
 
@@ -166,12 +169,45 @@ class RemoteIntake:
         """Decode ``upload`` on this process's decode threads, then have the engine classify the clip."""
         watcher = asyncio.ensure_future(disconnected())
         try:
+            blobs = await self._for_device(served, upload) if self.link.device_jpeg else None
+            if blobs is not None:
+                queued_at = time.perf_counter()
+                [result] = await self._send_jpegs(served, blobs, watcher)
+                return Answer(result, queued_at)
             array = await self._decode(served, upload, watcher)
             queued_at = time.perf_counter()
             [result] = await self._classify(served, [array], watcher)
             return Answer(result, queued_at)
         finally:
             watcher.cancel()
+
+    async def _for_device(self, served: RemoteModel, upload: Upload) -> list[bytes] | None:
+        """The upload's JPEG frames, parsed here, when the engine's device takes every one of them; None: the
+        upload is decoded here (parsed again, on the CPU path)."""
+        parsed = await self.decoders.run(parse_upload, upload, served.target)
+        images, target = parsed.images, served.target
+        if images is None or not 0 < len(images) <= target.limits.max_frames:
+            return None
+        return images if all(GpuJpeg.eligible(blob, target) for blob in images) else None
+
+    async def _send_jpegs(self, served: RemoteModel, blobs: list[bytes], watcher: asyncio.Future[Any]) -> list[Result]:
+        """JPEG frames into one block of the arena (or the message), for the engine to decode on its device."""
+        data = b"".join(blobs)
+        offset = self.link.blocks.take(len(data))
+        where: Head = {"at": 0} if offset is None else {"off": offset}
+        if offset is not None:
+            arena.view(self.link.memory, offset, (len(data),))[...] = np.frombuffer(data, dtype=np.uint8)
+        head = {"op": "jpegs", "model": served.name, "sizes": [len(b) for b in blobs], "where": where}
+        try:
+            pending = self.link.request(head, data if offset is None else b"")
+        except BaseException:
+            if offset is not None:
+                self.link.blocks.give_back(offset)
+            raise
+        if offset is not None:
+            pending.future.add_done_callback(lambda _: self.link.blocks.give_back(offset))
+        answered = await pending.answer(watcher)
+        return [result_of(row) for row in answered["results"]]
 
     async def classify_clips(
         self, served: RemoteModel, clips: list[torch.Tensor], disconnected: Disconnected

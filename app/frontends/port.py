@@ -19,7 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
+from app.batching import Result
 from app.frontends import arena, wire
 from app.frontends.relay import RELAYED
 from app.preprocess import array_to_clip
@@ -51,7 +53,16 @@ def describe(service: Service) -> Head:
                 },
             }
         )
-    return {"models": models, "default": service.default_model, "draining": service.draining}
+    return {
+        "models": models,
+        "default": service.default_model,
+        "draining": service.draining,
+        "device_jpeg": service.loaded.decoders.device is not None,  # JPEG frames come undecoded: decoded here
+    }
+
+
+def row_of(r: Result) -> Head:
+    return {"p": r.probabilities.tolist(), "q": r.queue_s, "i": r.inference_s, "b": r.batch_size, "f": r.frames}
 
 
 class ClipPort:
@@ -100,7 +111,7 @@ class FrontendConnection:
         self.service, self.reader, self.writer, self.memory = service, reader, writer, memory
         self.gone: dict[int, asyncio.Event] = {}  # requests in hand: set once their client has left
         self.tasks: set[asyncio.Task[None]] = set()
-        self.handlers = {"clips": self.clips, "sequence": self.sequence, "explain": self.explain}
+        self.handlers = {"clips": self.clips, "jpegs": self.jpegs, "sequence": self.sequence, "explain": self.explain}
 
     def send(self, head: Head) -> None:
         if not self.writer.is_closing():
@@ -164,11 +175,22 @@ class FrontendConnection:
         served = self.service.model(head["model"])
         clips = [array_to_clip(self.frames(entry, payload)) for entry in head["clips"]]
         results = await self.service.intake.classify_clips(served, clips, gone)
-        rows = [
-            {"p": r.probabilities.tolist(), "q": r.queue_s, "i": r.inference_s, "b": r.batch_size, "f": r.frames}
-            for r in results
-        ]
-        return {"results": rows}
+        return {"results": [row_of(r) for r in results]}
+
+    async def jpegs(self, head: Head, payload: bytes, gone: Callable[[], Any]) -> Head:
+        """A clip's JPEG frames, undecoded: decoded here on the device (``GPU_DECODE``), on the CPU where the
+        device refuses them, holding one of the model's upload places meanwhile."""
+        served = self.service.model(head["model"])
+        data = self.frames({"shape": [sum(head["sizes"])], **head["where"]}, payload)
+        ends = np.cumsum(head["sizes"]).tolist()
+        blobs = [data[start:end].tobytes() for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+        intake = self.service.intake
+        with intake.holding(served):
+            clip = await intake.off_loop(self.service.loaded.decoders.decode_images, blobs, served.target)
+        if not isinstance(clip, torch.Tensor):
+            clip = array_to_clip(clip)
+        results = await intake.classify_clips(served, [clip], gone)
+        return {"results": [row_of(r) for r in results]}
 
     async def sequence(self, head: Head, payload: bytes, gone: Callable[[], Any]) -> Head:
         served = self.service.model(head["model"])

@@ -16,6 +16,7 @@ import json
 import logging
 import mmap
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +32,8 @@ from app.service import Service
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+YOUNG_S = 10.0  # a front end that exits sooner after its start is started again after a growing wait
+MAX_BACKOFF_S = 30.0
 
 
 def settings_document(settings: Settings) -> str:
@@ -62,6 +65,8 @@ class Engine:
         self.restarts = 0
         self.port: ClipPort | None = None
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._started: dict[int, float] = {}  # when each front end was last started (time.monotonic())
+        self._failures: dict[int, int] = {}  # each front end's exits in a row within YOUNG_S of its start
         self._arenas: dict[int, mmap.mmap] = {}
         self._listener: socket.socket | None = None
         self._stopping = threading.Event()
@@ -107,16 +112,23 @@ class Engine:
         proc.stdin.close()
         with self._lock:
             self._procs[index] = proc
+        self._started[index] = time.monotonic()
         log.info("front end %d started (pid %d)", index, proc.pid)
 
     def _watch_frontends(self) -> None:
+        """Start a front end again when one exits; one that keeps dying young waits longer each time (up to
+        ``MAX_BACKOFF_S``), so a front end that cannot start does not spin."""
         while not self._stopping.wait(0.2):
             with self._lock:
                 exited = [(i, p) for i, p in self._procs.items() if p.poll() is not None]
             for index, proc in exited:
-                if self._stopping.is_set():
+                lived = time.monotonic() - self._started[index]
+                self._failures[index] = self._failures.get(index, 0) + 1 if lived < YOUNG_S else 0
+                wait = min(MAX_BACKOFF_S, 2.0 ** self._failures[index] - 1)
+                code = proc.returncode
+                log.warning("front end %d (pid %d) exited (%s); another in %.0f s", index, proc.pid, code, wait)
+                if self._stopping.wait(wait):
                     return
-                log.warning("front end %d (pid %d) exited with %s; starting another", index, proc.pid, proc.returncode)
                 self.restarts += 1
                 self._spawn(index)
 
@@ -145,6 +157,4 @@ class Engine:
             await asyncio.to_thread(self.stop_frontends, self.settings.longest_request_s + 5)
         if self.port is not None:
             await self.port.close()
-        for path in (self.http_path, self.clip_path):
-            Path(path).unlink(missing_ok=True)
-        self.run_dir.rmdir()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
