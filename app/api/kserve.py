@@ -68,14 +68,15 @@ def sequence_params(params: dict[str, Any]) -> SequenceParams | None:
     return SequenceParams(seq_id, start, end)
 
 
-def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes | memoryview]:
     if header_length is not None:
         if not re.fullmatch(r"[0-9]{1,12}", header_length) or int(header_length) > len(body):
             raise BadInput(
                 f"Inference-Header-Content-Length {header_length!r} does not fit a body of {len(body)} bytes"
             )
         split = int(header_length)
-        head, binary = body[:split], body[split:]
+        head = body[:split]
+        binary: bytes | memoryview = memoryview(body)[split:]  # the tensor's bytes: a view, not a copy
     else:
         head, binary = body, b""
     try:
@@ -96,7 +97,7 @@ def parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return params
 
 
-def input_array(request: dict[str, Any], binary: bytes, target: Target, max_clips: int) -> np.ndarray:
+def input_array(request: dict[str, Any], binary: bytes | memoryview, target: Target, max_clips: int) -> np.ndarray:
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise WrongShape(f"send exactly one input, {INPUT!r}")
@@ -126,7 +127,7 @@ def input_array(request: dict[str, Any], binary: bytes, target: Target, max_clip
                 f"binary_data_size {size!r} does not match shape {shape} ({count} bytes) "
                 f"or the {len(binary)} bytes sent"
             )
-        return np.frombuffer(binary, dtype=np.uint8, count=size).reshape(shape).copy()  # writable for torch
+        return np.frombuffer(binary, dtype=np.uint8, count=size).reshape(shape)  # the body's bytes, not a copy
     data = spec.get("data")
     if data is None:
         raise BadInput(f"input {INPUT!r} has neither data nor binary_data_size")

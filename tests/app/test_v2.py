@@ -11,6 +11,7 @@ import pytest
 
 from app.api.kserve import encode_output, parse_infer
 from app.errors import BadInput, TooLarge, WrongShape
+from app.preprocess import tensor_to_clips
 from app.uploads import Target
 from media import FrameFormat, Limits
 
@@ -34,8 +35,12 @@ def test_a_json_request_gives_its_tensor_and_options() -> None:
 def test_a_binary_request_reads_its_tensor_after_the_json_header() -> None:
     pixels = np.arange(1 * 2 * 4 * 4 * 3, dtype=np.uint8)
     head = json.dumps(request([1, 2, 4, 4, 3], parameters={"binary_data_size": pixels.size})).encode()
-    req = parse_infer(head + pixels.tobytes(), str(len(head)), TARGET, max_clips=4)
-    assert np.array_equal(req.array.reshape(-1), pixels) and req.array.flags.writeable
+    body = head + pixels.tobytes()
+    req = parse_infer(body, str(len(head)), TARGET, max_clips=4)
+    assert np.array_equal(req.array.reshape(-1), pixels)
+    assert np.shares_memory(req.array, np.frombuffer(body, dtype=np.uint8))  # the body's bytes, not a copy
+    clips = tensor_to_clips(req.array, FrameFormat(4, 4, 3))
+    assert np.shares_memory(clips[0].numpy(), req.array)  # at the model's size: still no copy
 
 
 @pytest.mark.parametrize(
