@@ -145,7 +145,8 @@ def frontend(index: str, listen_fd: str, arena_fd: str, run_dir: str) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request passed to the engine otherwise
     config = uvicorn_config(create_frontend_app(settings, int(index), int(arena_fd), run_dir), settings)
     config.load()
-    guard(config, settings)
+    share = -(-settings.max_connections // settings.frontends)  # MAX_CONNECTIONS is the server's, shared out
+    guard(config, settings.model_copy(update={"max_connections": share}))
     server = FrontendServer(config)
     server.run(sockets=[socket.socket(fileno=int(listen_fd))])
     return 0

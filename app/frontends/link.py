@@ -161,9 +161,10 @@ def result_of(row: Head) -> Result:
 class RemoteIntake:
     """The intake of a front end: decode here, queue in the engine."""
 
-    def __init__(self, link: EngineLink, decoders: Decoders, models: dict[str, RemoteModel], decode_timeout_s: float):
-        self.link, self.decoders, self.decode_timeout_s = link, decoders, decode_timeout_s
-        self._slots = {name: Slots(name, model.max_queue) for name, model in models.items()}
+    def __init__(self, link: EngineLink, decoders: Decoders, models: dict[str, RemoteModel], settings: Settings):
+        self.link, self.decoders, self.decode_timeout_s = link, decoders, settings.decode_timeout_s
+        share = settings.frontends  # MAX_QUEUE uploads waiting to be decoded is the server's, shared out
+        self._slots = {name: Slots(name, -(-model.max_queue // share)) for name, model in models.items()}
 
     async def classify(self, served: RemoteModel, upload: Upload, disconnected: Disconnected) -> Answer:
         """Decode ``upload`` on this process's decode threads, then have the engine classify the clip."""
@@ -306,7 +307,7 @@ class RemoteService:
     intake: RemoteIntake = field(init=False)
 
     def __post_init__(self) -> None:
-        self.intake = RemoteIntake(self.link, self.decoders, self.models, self.settings.decode_timeout_s)
+        self.intake = RemoteIntake(self.link, self.decoders, self.models, self.settings)
 
     def check_accepting(self) -> None:
         if self.link.draining or self.link.closed.is_set():
