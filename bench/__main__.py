@@ -11,6 +11,7 @@ from bench import (
     compare,
     data_pipeline,
     explain,
+    frontends,
     gpu_decode,
     heap,
     rollout,
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_parser(sub)
     data_pipeline.add_parser(sub)
     explain.add_parser(sub)
+    frontends.add_parser(sub)
     gpu_decode.add_parser(sub)
     heap.add_parser(sub)
     rollout.add_parser(sub)
