@@ -171,3 +171,21 @@ def test_ctrl_c_stops_the_engine_and_its_front_ends(default_ckpt: Path) -> None:
         log = proc.stdout.read() if proc.stdout else ""
     assert "Traceback" not in log and "KeyboardInterrupt" not in log
     assert not any(os.path.exists(f"/proc/{pid}") for pid in fronts)
+
+
+def test_a_client_that_leaves_is_dropped_before_compute(default_ckpt: Path) -> None:
+    with frontends_server(2, checkpoint=default_ckpt, max_batch_size=64, max_batch_delay_ms=1500) as url:
+
+        async def main() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as patient:
+                kept = [asyncio.ensure_future(patient.post(f"{url}/predict", files=frames(seed=i))) for i in range(2)]
+                async with httpx.AsyncClient(timeout=0.4) as impatient:  # gone while the delay holds the batch
+                    gone = [impatient.post(f"{url}/predict", files=frames(seed=9)) for _ in range(6)]
+                    outcomes = await asyncio.gather(*gone, return_exceptions=True)
+                assert all(isinstance(o, httpx.TimeoutException) for o in outcomes), outcomes
+                return list(await asyncio.gather(*kept))
+
+        assert [r.status_code for r in asyncio.run(main())] == [200, 200]
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        assert metric_value(text, "fusionserve_dropped_clips_total", reason="cancelled", model=MODEL) == 6
+        assert metric_value(text, "fusionserve_batch_size_sum", model=MODEL) == 2  # only the kept clips ran
