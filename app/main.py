@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -113,7 +114,7 @@ def create_frontend_app(settings: Settings, index: int, arena_fd: int, run_dir: 
         decoders = Decoders(settings.decode_workers, 0, int(settings.decode_split_kb * 1024))
         models = {m["name"]: RemoteModel.of(m) for m in hello["models"]}
         app.state.service = RemoteService(settings, metrics, link, models, hello["default"], decoders)
-        orphaned = asyncio.create_task(stop_when_gone(link))
+        orphaned = asyncio.create_task(stop_when_gone(link, run_dir))
         try:
             yield
         finally:
@@ -137,10 +138,12 @@ def create_frontend_app(settings: Settings, index: int, arena_fd: int, run_dir: 
     return FrontDoor(app, proxy, flush)
 
 
-async def stop_when_gone(link: EngineLink) -> None:
-    """A front end whose engine has gone (killed, crashed) stops as on SIGTERM: it cannot answer anything."""
+async def stop_when_gone(link: EngineLink, run_dir: str) -> None:
+    """A front end whose engine has gone (killed, crashed) stops as on SIGTERM: it cannot answer anything.
+    The engine's sockets' folder goes with it (an engine that was killed could not remove it)."""
     await link.closed.wait()
     log.error("the engine has gone; this front end stops")
+    shutil.rmtree(run_dir, ignore_errors=True)
     os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -189,3 +189,23 @@ def test_a_client_that_leaves_is_dropped_before_compute(default_ckpt: Path) -> N
         text = httpx.get(f"{url}/metrics", timeout=10).text
         assert metric_value(text, "fusionserve_dropped_clips_total", reason="cancelled", model=MODEL) == 6
         assert metric_value(text, "fusionserve_batch_size_sum", model=MODEL) == 2  # only the kept clips ran
+
+
+def test_front_ends_stop_when_their_engine_is_killed(default_ckpt: Path) -> None:
+    with spawn_server("--checkpoint", str(default_ckpt), "--max-batch-size", "4", "--frontends", "2") as (proc, url):
+        fronts = children(proc.pid)
+        assert httpx.get(f"{url}/v2/health/live", timeout=10).headers[TAG] in map(str, fronts)
+        proc.kill()  # SIGKILL: the engine cannot stop them
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in fronts):
+            assert time.monotonic() < deadline, "front ends outlived their engine"
+            time.sleep(0.1)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
