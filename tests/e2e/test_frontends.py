@@ -75,7 +75,7 @@ def test_answers_equal_one_process_and_a_full_arena_still_answers(default_ckpt: 
     expected = ref.probs(images_clip(blobs, ref.target))
     # 0.05 MB of shared memory holds no 12-frame clip: every clip travels in its message instead
     for shm_mb in (256, 0.05):
-        with frontends_server(2, checkpoint=default_ckpt, frontend_shm_mb=shm_mb) as url:
+        with frontends_server(2, checkpoint=default_ckpt, frontend_shm_mb=shm_mb, max_batch_size=8) as url:
             r = httpx.post(f"{url}/predict", files=multipart_frames(blobs), timeout=30)
             assert r.status_code == 200, r.text
             got = np.array([r.json()["probabilities"][label] for label in ref.ckpt.labels])
@@ -163,7 +163,8 @@ def test_a_killed_front_end_is_replaced_and_loses_only_its_requests(default_ckpt
 
 
 def test_ctrl_c_stops_the_engine_and_its_front_ends(default_ckpt: Path) -> None:
-    with spawn_server("--checkpoint", str(default_ckpt), "--frontends", "2", new_session=True) as (proc, url):
+    flags = ("--checkpoint", str(default_ckpt), "--max-batch-size", "4", "--frontends", "2")
+    with spawn_server(*flags, new_session=True) as (proc, url):
         fronts = children(proc.pid)
         assert httpx.post(f"{url}/predict", files=frames(), timeout=30).status_code == 200
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C reaches the whole group

@@ -233,7 +233,8 @@ def test_idle_keep_alive_connections_outlive_clients_expiry(default_ckpt: Path) 
     # uvicorn's own default (5 s) equals httpx's keep-alive expiry: a client could send on a connection
     # just as the server closed it (a reset: ReadError). The server keeps idle connections KEEP_ALIVE_S.
     for keep_alive, idle_s, still_open in (("1", 2.0, False), (None, 6.0, True)):  # 6 s: past uvicorn's 5
-        flags = ("--checkpoint", str(default_ckpt), *(("--keep-alive-s", keep_alive) if keep_alive else ()))
+        flags = ("--checkpoint", str(default_ckpt), "--max-batch-size", "4")  # set: no autotune, a quicker start
+        flags += ("--keep-alive-s", keep_alive) if keep_alive else ()
         with spawn_server(*flags) as (_, url):
             port = int(url.rsplit(":", 1)[1])
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
