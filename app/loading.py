@@ -207,9 +207,12 @@ def instances(s: Settings, device: torch.device, threads: CpuThreads) -> int:
 
 def decode_processes(s: Settings, device: torch.device) -> int:
     """DECODE_PROCESSES, or by default: on CUDA half the usable cores up to 8, where one process's
-    interpreter cannot feed the GPU; on the CPU none, where the model needs the cores."""
+    interpreter cannot feed the GPU; on the CPU none, where the model needs the cores; none in the engine
+    of front ends (FRONTENDS), which decode themselves."""
     if s.decode_processes is not None:
         return s.decode_processes
+    if s.frontends > 1:  # the front ends decode the uploads: the engine decodes only what they hand it whole
+        return 0
     cores = usable_cores()
     return min(8, cores // 2) if device.type == "cuda" and cores >= 4 else 0
 

@@ -5,7 +5,9 @@ page cache) over every side alike; the report gives each side's median per concu
 and the ratios B/A (and C/A) for clips/s, p50 and p99. ``--b-frame-size`` sends side B
 frames of another size (the same settings on both sides then compare inputs, not
 configurations: 224x224 frames that the server resizes against frames already at the
-model's size). A side's ``PYTHON*`` variables keep their names, so
+model's size). ``--payload`` picks what every side is sent (multipart JPEG frames, an MP4,
+base64 JSON frames, or ``v2`` binary tensors at the model's size), and with ``nvidia-smi``
+each run records the GPU's utilisation. A side's ``PYTHON*`` variables keep their names, so
 ``--a PYTHONSAFEPATH=1,PYTHONPATH=/path/to/old/checkout`` runs side A on another commit.
 """
 
@@ -20,6 +22,7 @@ from typing import Any
 from bench import loadgen
 from bench.serve import (
     ServerProcess,
+    build_payloads,
     closed_loop_load,
     machine,
     measure,
@@ -50,12 +53,14 @@ def ratio(b: float | None, a: float | None) -> float | None:
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Medians per side, each other side's ratios over A, and the errors of all runs of one concurrency."""
+    """Medians per side (with the GPU's mean utilisation, None where it was not sampled), each other
+    side's ratios over A, and the errors of all runs of one concurrency."""
     out: dict[str, Any] = {}
     for side in runs:
         out[side] = {m: median([r[m] for r in runs[side]]) for m in METRICS}
         out[side]["batch_size"] = median([r["server"]["batch_size"] for r in runs[side]])
         out[side]["errors"] = sum(sum(r["errors"].values()) for r in runs[side])
+        out[side]["gpu_utilization_pct"] = median([r.get("gpu", {}).get("utilization_mean_pct") for r in runs[side]])
     for side in runs:
         if side != "A":
             out[f"ratio_{side.lower()}_over_a"] = {m: ratio(out[side][m], out["A"][m]) for m in METRICS}
@@ -64,12 +69,13 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 async def run_rounds(servers: dict[str, ServerProcess], args: argparse.Namespace) -> dict[str, Any]:
     sizes = {side: args.frame_size for side in servers} | {"B": args.b_frame_size or args.frame_size}
-    payloads = {side: loadgen.build_payloads(args.payload, args.clips, args.frames, sizes[side]) for side in sizes}
     result: dict[str, Any] = {"runs": {}, "summary": {}, "frame_size": sizes}
-    result["payload_mean_bytes"] = {side: round(statistics.mean(len(p.body) for p in payloads[side])) for side in sizes}
     # Connections to both servers stay open between turns, so neither side pays for reconnecting.
     async with loadgen.make_client(2 * max(args.concurrency)) as client:
         result["server_info"] = {side: await server_info(client, s.url) for side, s in servers.items()}
+        payloads = {side: await build_payloads(client, s.url, args, sizes[side]) for side, s in servers.items()}
+        mean_bytes = {side: round(statistics.mean(len(p.body) for p in ps)) for side, ps in payloads.items()}
+        result["payload_mean_bytes"] = mean_bytes
         for side, server in servers.items():
             await warm_up(client, server, payloads[side], args)
         for c in args.concurrency:
@@ -79,8 +85,9 @@ async def run_rounds(servers: dict[str, ServerProcess], args: argparse.Namespace
                 # change runs colder) does not favour either side
                 order = list(servers.items()) if turn % 2 == 0 else list(servers.items())[::-1]
                 for side, server in order:
-                    load = closed_loop_load(client, f"{server.url}/predict", payloads[side], c, args)
-                    runs[side].append(await measure(client, server, load, args.rss_interval))
+                    load = closed_loop_load(client, server.url, payloads[side], c, args)
+                    route = payloads[side][0].route
+                    runs[side].append(await measure(client, server, load, args.rss_interval, route))
             result["runs"][str(c)] = runs
             result["summary"][str(c)] = summarise(runs)
     return result
@@ -99,6 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "compare",
         "machine": machine(),
         "settings": {**settings, "checkpoint": str(checkpoint)},
+        "payload": args.payload,
         "server_env": envs,
         **rounds,
         "server_exit_codes": {side: s.exit_code for side, s in servers.items()},
@@ -116,6 +124,8 @@ def markdown(result: dict[str, Any]) -> str:
         " | ".join([*(f"{side} {m}" for side in sides), *(f"{o}/A" for o in others)]) for m in METRICS
     )
     head += f" | batch {'/'.join(sides)} | errors {'/'.join(sides)} |"
+    gpu = any(s[side]["gpu_utilization_pct"] is not None for s in result["summary"].values() for side in sides)
+    head += f" GPU % {'/'.join(sides)} |" if gpu else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for c, s in result["summary"].items():
         cells = [c]
@@ -124,10 +134,17 @@ def markdown(result: dict[str, Any]) -> str:
             cells += [_fmt(s[f"ratio_{o.lower()}_over_a"][m]) for o in others]
         cells.append("/".join(_fmt(s[side]["batch_size"]) for side in sides))
         cells.append("/".join(str(s[side]["errors"]) for side in sides))
+        if gpu:
+            cells.append("/".join(_fmt(s[side]["gpu_utilization_pct"]) for side in sides))
         lines.append("| " + " | ".join(cells) + " |")
     env, sizes = result["server_env"], result["frame_size"]
+    payload = result.get("payload", result["settings"]["payload"])
+    sent = {side: f"{sizes[side]}px frames" for side in sides}
+    if payload == "v2":  # tensors are drawn at the model's input size, whatever the frame size
+        sent = dict.fromkeys(sides, "tensors at the model's input size")
     lines.append("")
-    lines += [f"{side}: {env[side] or 'defaults'}, {sizes[side]}px frames" for side in sides]
+    lines += [f"{side}: {env[side] or 'defaults'}, {sent[side]}" for side in sides]
+    lines.append(f"payload: {payload}")
     return "\n".join(lines)
 
 

@@ -1,7 +1,10 @@
-"""An asyncio + httpx load generator for ``POST /predict``.
+"""An asyncio + httpx load generator for ``POST /predict`` and KServe v2 ``infer``.
 
-Bodies are built once (multipart JPEG frames or one MP4 ``video`` part) and reused as
-bytes, so the client spends its CPU on sockets, not on encoding. Two modes:
+Bodies are built once and reused as bytes, so the client spends its CPU on sockets, not on
+encoding. Four kinds: ``jpeg`` (multipart JPEG frames), ``mp4`` (one multipart ``video``
+part), ``json`` (``{"frames": [base64 JPEG, ...]}``), all to ``/predict``; and ``v2`` (the
+binary tensor extension: a JSON header, then the clip's raw uint8 pixels at the model's input
+size) to ``/v2/models/{name}/infer``. Each payload names its own path and headers. Two modes:
 
 - closed loop: ``concurrency`` workers, each posting back-to-back for ``duration`` s;
 - open loop: arrivals at a fixed ``rate`` (Poisson or evenly spaced), at most
@@ -15,21 +18,37 @@ Latency percentiles are over successful (200) requests; clips/s counts only thos
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
+import json
 import logging
 import random
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import httpx
 import numpy as np
 
-from bench.media import encode_jpeg, encode_mp4, synth_clips
+from bench.media import encode_jpeg, encode_mp4, resize_clip, synth_clips
 
 log = logging.getLogger(__name__)
+
+KINDS = ("jpeg", "mp4", "json", "v2")
+V2_HEADER = "Inference-Header-Content-Length"  # the JSON header's length; the binary tensor follows it
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What a v2 tensor is shaped for: the served model's name and input size (from ``GET /models``)."""
+
+    name: str
+    height: int
+    width: int
+    channels: int
 
 
 @dataclass(frozen=True)
@@ -37,8 +56,16 @@ class Payload:
     body: bytes
     content_type: str
     frames: int
-    kind: str = "jpeg"  # "jpeg": one part per frame; "mp4": one video part
+    kind: str = "jpeg"  # one of KINDS
     media: tuple[bytes, ...] = ()  # the encoded parts (each JPEG frame, or the MP4), to decode in-process
+    path: str = "/predict"  # where it is posted
+    route: str = "/predict"  # the server's route template, as its request metrics label it
+    headers: tuple[tuple[str, str], ...] = ()  # beside Content-Type
+
+    @cached_property
+    def request_headers(self) -> dict[str, str]:
+        """Every header the request sends (Content-Length aside)."""
+        return {"content-type": self.content_type, **dict(self.headers)}
 
 
 @dataclass
@@ -92,9 +119,52 @@ def mp4_payload(clip: np.ndarray, fps: int = 25) -> Payload:
     return Payload(body, ctype, len(clip), "mp4", (video,))
 
 
-def build_payloads(kind: str, count: int, frames: int, size: int) -> list[Payload]:
-    """``count`` distinct request bodies: ``kind`` is "jpeg" (multipart frames) or "mp4" (one video part)."""
-    encode = {"jpeg": jpeg_payload, "mp4": mp4_payload}[kind]
+def json_payload(clip: np.ndarray, quality: int = 90) -> Payload:
+    """Each frame of ``clip`` (T, H, W, 3) as a base64 JPEG in ``{"frames": [...]}``, in order."""
+    jpegs = tuple(encode_jpeg(frame, quality) for frame in clip)
+    body = json.dumps({"frames": [base64.b64encode(j).decode() for j in jpegs]}).encode()
+    return Payload(body, "application/json", len(clip), "json", jpegs)
+
+
+def v2_payload(clip: np.ndarray, model: ModelInput) -> Payload:
+    """``clip`` (T, H, W, C) uint8 at ``model``'s input size as one KServe v2 binary tensor
+    ``[1, T, H, W, C]``, the ``probabilities`` output asked for as binary too."""
+    T, H, W, C = clip.shape
+    assert (model.height, model.width, model.channels) == (H, W, C), f"clip {clip.shape} is not at {model}"
+    tensor = np.ascontiguousarray(clip, dtype=np.uint8).tobytes()
+    header = {
+        "inputs": [
+            {
+                "name": "frames",
+                "datatype": "UINT8",
+                "shape": [1, T, H, W, C],
+                "parameters": {"binary_data_size": len(tensor)},
+            }
+        ],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+    }
+    head = json.dumps(header).encode()
+    return Payload(
+        head + tensor,
+        "application/octet-stream",
+        T,
+        "v2",
+        (tensor,),
+        path=f"/v2/models/{model.name}/infer",
+        route="/v2/models/{name}/infer",
+        headers=((V2_HEADER, str(len(head))),),
+    )
+
+
+def build_payloads(kind: str, count: int, frames: int, size: int, model: ModelInput | None = None) -> list[Payload]:
+    """``count`` distinct request bodies of ``kind`` (one of KINDS), frames drawn at ``size`` pixels;
+    ``v2`` tensors are drawn at ``model``'s input size instead (the pixels the server takes as they
+    are), which it needs."""
+    if kind == "v2":
+        assert model is not None, "v2 tensors are shaped for a model: pass its ModelInput"
+        clips = synth_clips(count, frames, model.height)
+        return [v2_payload(resize_clip(clip, model.height, model.width), model) for clip in clips]
+    encode = {"jpeg": jpeg_payload, "mp4": mp4_payload, "json": json_payload}[kind]
     return [encode(clip) for clip in synth_clips(count, frames, size)]
 
 
@@ -105,9 +175,10 @@ def make_client(connections: int, timeout_s: float = 120.0) -> httpx.AsyncClient
 
 
 async def _post(client: httpx.AsyncClient, url: str, payload: Payload, result: LevelResult, t0: float) -> None:
-    """POST ``payload``; record its status and, if 200, its latency measured from ``t0``."""
+    """POST ``payload`` to its path on the server at ``url``; record its status and, if 200, its
+    latency measured from ``t0``."""
     try:
-        response = await client.post(url, content=payload.body, headers={"content-type": payload.content_type})
+        response = await client.post(url + payload.path, content=payload.body, headers=payload.request_headers)
         status = str(response.status_code)
     except httpx.HTTPError as exc:
         status = type(exc).__name__
@@ -120,7 +191,8 @@ async def _post(client: httpx.AsyncClient, url: str, payload: Payload, result: L
 async def closed_loop(
     client: httpx.AsyncClient, url: str, payloads: list[Payload], concurrency: int, duration_s: float
 ) -> LevelResult:
-    """``concurrency`` workers post back-to-back until ``duration_s`` has passed; in-flight requests finish."""
+    """``concurrency`` workers post back-to-back to the server at ``url`` until ``duration_s`` has passed;
+    in-flight requests finish."""
     result = LevelResult()
     start = time.perf_counter()
     stop_at = start + duration_s
@@ -147,7 +219,8 @@ async def open_loop(
     late_ms: float = 5.0,
     seed: int = 0,
 ) -> LevelResult:
-    """Arrivals at ``rate``/s for ``duration_s``; over ``max_in_flight`` outstanding an arrival is dropped."""
+    """Arrivals at ``rate``/s for ``duration_s`` at the server at ``url``; over ``max_in_flight``
+    outstanding an arrival is dropped."""
     assert rate > 0, f"rate must be positive, got {rate}"
     result = LevelResult()
     rng = random.Random(seed)

@@ -19,6 +19,14 @@ def synth_clips(count: int, frames: int, size: int, seed: int = 0) -> list[np.nd
     return [render_clip(LABELS[i % len(LABELS)], digits[i % len(digits)], cfg, rng) for i in range(count)]
 
 
+def resize_clip(clip: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``clip`` (T, H, W, 3) uint8 at (T, height, width, 3), bilinear; the clip itself when already that size."""
+    if clip.shape[1:3] == (height, width):
+        return clip
+    size, bilinear = (width, height), Image.Resampling.BILINEAR
+    return np.stack([np.asarray(Image.fromarray(frame).resize(size, bilinear)) for frame in clip])
+
+
 def encode_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(frame).save(buf, format="JPEG", quality=quality)

@@ -2,8 +2,9 @@
 
 For each closed-loop concurrency, then each open-loop rate, the client (bench/loadgen.py)
 reports clips/s and latency percentiles; /metrics before and after the level gives the
-server's own split (mean queue wait, decode time, inference time per batch, batch size)
-and /proc/<pid>/status the server's RSS while it ran (its decode processes included).
+server's own split (mean queue wait, decode time, inference time per batch, batch size),
+/proc/<pid>/status the server's RSS while it ran (its decode processes included), and
+``nvidia-smi``, where there is one, the GPU's utilisation.
 ``--rss-soak`` adds one long closed-loop run that samples RSS every second, to spot growth.
 """
 
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -40,9 +42,10 @@ HISTOGRAMS = {
     "inference": "fusionserve_inference_seconds",
     "decode": "fusionserve_decode_seconds",
     "batch_size": "fusionserve_batch_size",
-    "request": "fusionserve_request_seconds",  # by route; only PREDICT_ROUTE's series are summed
+    "request": "fusionserve_request_seconds",  # by route; only the loaded route's series are summed
 }
-PREDICT_ROUTE = 'route="/predict"'  # the route the load goes to (not /metrics, which the bench scrapes)
+PREDICT_ROUTE = "/predict"  # the default route the load goes to (not /metrics, which the bench scrapes)
+GPU_QUERY = ("--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits")
 DROPPED = "fusionserve_dropped_clips_total"
 
 
@@ -235,24 +238,108 @@ class RssSampler:
         return {"start_mb": s[0], "max_mb": max(s), "end_mb": s[-1]}
 
 
-async def scrape(client: httpx.AsyncClient, url: str) -> dict[str, float]:
-    """The ``_sum`` and ``_count`` of each histogram in HISTOGRAMS and the dropped-clips total, summed over labels."""
+def visible_gpu() -> str:
+    """The GPU the server runs on, as nvidia-smi's ``--id`` takes it: the first of
+    ``CUDA_VISIBLE_DEVICES`` (an index or a UUID), else 0."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    return visible or "0"
+
+
+def parse_gpu_sample(line: str) -> tuple[float, float] | None:
+    """One line of ``nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits``
+    as (utilisation %, memory used MiB); None for anything else (``[N/A]``, a warning)."""
+    fields = [f.strip() for f in line.split(",")]
+    if len(fields) != 2:
+        return None
+    try:
+        return float(fields[0]), float(fields[1])
+    except ValueError:
+        return None
+
+
+class GpuSampler:
+    """The GPU's utilisation and memory from ``nvidia-smi -lms``, every ``interval_ms``, while inside
+    ``async with``; without nvidia-smi, or when it fails, no samples and the reason why."""
+
+    def __init__(self, interval_ms: int = 200, gpu: str | None = None) -> None:
+        self.interval_ms, self.gpu = interval_ms, gpu or visible_gpu()
+        self.samples: list[tuple[float, float]] = []
+        self.reason: str | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        async for line in self._proc.stdout:
+            if (sample := parse_gpu_sample(line.decode(errors="replace"))) is not None:
+                self.samples.append(sample)
+
+    async def __aenter__(self) -> GpuSampler:
+        exe = shutil.which("nvidia-smi")
+        if exe is None:
+            self.reason = "nvidia-smi is not on PATH"
+            return self
+        args = (*GPU_QUERY, f"--id={self.gpu}", "-lms", str(self.interval_ms))
+        self._proc = await asyncio.create_subprocess_exec(
+            exe, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._proc is None or self._reader is None:
+            return
+        with contextlib.suppress(ProcessLookupError):  # it may have ended on its own
+            self._proc.terminate()
+        await self._proc.wait()
+        # what nvidia-smi wrote before it ended is read; a child of a wrapper script may hold the pipe open
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._reader), 0.5)
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+        if not self.samples:
+            assert self._proc.stderr is not None
+            raw = b""
+            with contextlib.suppress(asyncio.TimeoutError):
+                raw = await asyncio.wait_for(self._proc.stderr.read(), 0.5)
+            err = raw.decode(errors="replace").strip()[-300:]
+            self.reason = f"nvidia-smi exited with {self._proc.returncode} and no sample: {err}"
+
+    def summary(self) -> dict[str, Any]:
+        """Mean and max utilisation (%) and max memory used (MiB) over the samples, or the reason there are none."""
+        if not self.samples:
+            return {"unavailable": self.reason or "no sample"}
+        util = [u for u, _ in self.samples]
+        return {
+            "gpu": self.gpu,
+            "samples": len(self.samples),
+            "utilization_mean_pct": round(statistics.fmean(util), 1),
+            "utilization_max_pct": max(util),
+            "memory_used_max_mib": max(m for _, m in self.samples),
+        }
+
+
+async def scrape(client: httpx.AsyncClient, url: str, route: str = PREDICT_ROUTE) -> dict[str, float]:
+    """The ``_sum`` and ``_count`` of each histogram in HISTOGRAMS and the dropped-clips total, summed
+    over labels; of the request histogram, only ``route``'s series (the route template)."""
     text = (await client.get(f"{url}/metrics")).text
     wanted = {f"{h}{suffix}" for h in HISTOGRAMS.values() for suffix in ("_sum", "_count")} | {DROPPED}
     totals = dict.fromkeys(wanted, 0.0)
+    label = f'route="{route}"'
     for line in text.splitlines():
         if line.startswith("#") or not line.strip():
             continue
         key, _, value = line.rpartition(" ")
         name = key.split("{", 1)[0]
-        if name in totals and (not name.startswith(HISTOGRAMS["request"]) or PREDICT_ROUTE in key):
+        if name in totals and (not name.startswith(HISTOGRAMS["request"]) or label in key):
             totals[name] += float(value)
     return totals
 
 
 def server_split(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
-    """Means over one level from the counter deltas: ms per queued clip, per decode, per batch, per /predict
-    request (from the ASGI app's first byte to its last: the server's side of a request's latency);
+    """Means over one level from the counter deltas: ms per queued clip, per decode, per batch, per request
+    of the loaded route (from the ASGI app's first byte to its last: the server's side of a request's latency);
     clips per batch."""
 
     def mean(hist: str, scale: float) -> float | None:
@@ -294,25 +381,28 @@ async def measure(
     server: ServerProcess,
     load: Awaitable[loadgen.LevelResult | wrk.WrkResult],
     rss_interval_s: float,
+    route: str = PREDICT_ROUTE,
 ) -> dict[str, Any]:
-    """Await ``load`` (one level against ``server``) with RSS sampling and a /metrics delta around it."""
-    before = await scrape(client, server.url)
-    async with RssSampler(server.pid, rss_interval_s) as rss:
+    """Await ``load`` (one level against ``server``, to ``route``) with RSS and GPU sampling and a
+    /metrics delta around it."""
+    before = await scrape(client, server.url, route)
+    async with RssSampler(server.pid, rss_interval_s) as rss, GpuSampler() as gpu:
         result = await load
-    after = await scrape(client, server.url)
+    after = await scrape(client, server.url, route)
     return {
         **result.summary(),
         "late": result.late,
         "dropped": result.dropped,
         "server": server_split(before, after),
         "rss": rss.summary(),
+        "gpu": gpu.summary(),
     }
 
 
 async def warm_up(client: httpx.AsyncClient, server: ServerProcess, payloads: list[loadgen.Payload], args: Any) -> None:
     """A short closed-loop run whose numbers are thrown away; fails loudly if nothing succeeds."""
     concurrency = max(args.concurrency or [4])
-    result = await loadgen.closed_loop(client, f"{server.url}/predict", payloads, concurrency, args.warmup)
+    result = await loadgen.closed_loop(client, server.url, payloads, concurrency, args.warmup)
     if not result.statuses.get("200"):
         raise RuntimeError(f"warm-up got no 200 from {server.url}: {dict(result.statuses)}")
 
@@ -320,9 +410,23 @@ async def warm_up(client: httpx.AsyncClient, server: ServerProcess, payloads: li
 async def server_info(client: httpx.AsyncClient, url: str) -> list[dict[str, Any]]:
     """Device, runtime options and batch limits of each served model (from GET /models)."""
     models = (await client.get(f"{url}/models")).json()["models"]
-    keys = ("name", "device", "precision", "cuda_graphs", "compiled", "batchnorm_folded", "frames_per_pass")
-    keys += ("batching", "input")
+    keys = ["name", "device", "precision", "cuda_graphs", "compiled", "batchnorm_folded", "frames_per_pass"]
+    keys += ["batching", "input"]
     return [{k: m.get(k) for k in keys} for m in models]
+
+
+async def model_input(client: httpx.AsyncClient, url: str) -> loadgen.ModelInput:
+    """The default model's name and input size (from GET /models), for v2 tensors."""
+    listing = (await client.get(f"{url}/models")).json()
+    model = next(m for m in listing["models"] if m["name"] == listing["default"])
+    spec = model["input"]
+    return loadgen.ModelInput(model["name"], spec["height"], spec["width"], spec["channels"])
+
+
+async def build_payloads(client: httpx.AsyncClient, url: str, args: Any, size: int) -> list[loadgen.Payload]:
+    """``--clips`` bodies of ``--payload``, frames at ``size`` pixels (v2: at the served model's size)."""
+    model = await model_input(client, url) if args.payload == "v2" else None
+    return loadgen.build_payloads(args.payload, args.clips, args.frames, size, model)
 
 
 async def heap_mb(client: httpx.AsyncClient, url: str) -> tuple[float, float] | None:
@@ -348,12 +452,11 @@ async def soak(
 ) -> dict[str, Any]:
     """One closed-loop run at ``--soak-concurrency`` for ``--rss-soak`` s, RSS and the heap (in use
     against free, from /metrics) sampled every second."""
-    url = f"{server.url}/predict"
     heap: list[tuple[float, float]] = []
     sampler = asyncio.create_task(sample_heap(client, server.url, heap, 1.0))
     try:
         async with RssSampler(server.pid, 1.0) as rss:
-            result = await loadgen.closed_loop(client, url, payloads, args.soak_concurrency, args.rss_soak)
+            result = await loadgen.closed_loop(client, server.url, payloads, args.soak_concurrency, args.rss_soak)
     finally:
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -399,9 +502,9 @@ async def paired_c1(
     """
     burst_args = argparse.Namespace(**{**vars(args), "duration": args.c1_pair_time})
     pairs = []
-    url = f"{server.url}/predict"
+    url, route = server.url, payloads[0].route
     for _ in range(args.c1_pairs):
-        burst = await measure(client, server, closed_loop_load(client, url, payloads, 1, burst_args), 1.0)
+        burst = await measure(client, server, closed_loop_load(client, url, payloads, 1, burst_args), 1.0, route)
         one = probe.single(payloads[0], args.c1_pair_time / 2)  # on this thread: see InRunCeiling
         if burst["p50_ms"] is not None:
             pairs.append({"p50_ms": burst["p50_ms"], "server_ms": burst["server"]["request_ms"], **one})
@@ -428,17 +531,19 @@ async def run_levels(
     """The closed-loop levels, then the open-loop rates, then the RSS soak. With ``probe``, the
     ceiling at ``batch`` clips is measured between closed-loop levels (the server idle), and
     each level gets the measurements right before and after it as ``ceiling_around``."""
-    payloads = loadgen.build_payloads(args.payload, args.clips, args.frames, args.frame_size)
-    url = f"{server.url}/predict"
+    url = server.url
     conns = max([*args.concurrency, args.max_in_flight, args.soak_concurrency if args.rss_soak else 1])
     out: dict[str, Any] = {"closed_loop": [], "open_loop": []}
     async with loadgen.make_client(conns) as client:
         out["server_info"] = await server_info(client, server.url)
+        payloads = await build_payloads(client, url, args, args.frame_size)
+        route = payloads[0].route
+        out["payload_mean_bytes"] = round(statistics.mean(len(p.body) for p in payloads))
         await warm_up(client, server, payloads, args)
         spot = probe.at(batch) if probe is not None and args.concurrency else None
         for c in args.concurrency:
             load = closed_loop_load(client, url, payloads, c, args)
-            row = {"concurrency": c, **await measure(client, server, load, args.rss_interval)}
+            row = {"concurrency": c, **await measure(client, server, load, args.rss_interval, route)}
             if probe is not None and spot is not None:
                 await settle(client, server)  # the ceiling is timed with the server idle
                 after = probe.at(batch)
@@ -452,7 +557,7 @@ async def run_levels(
             load = loadgen.open_loop(
                 client, url, payloads, rate, args.duration, args.max_in_flight, poisson=args.arrivals == "poisson"
             )
-            out["open_loop"].append({"rate": rate, **await measure(client, server, load, args.rss_interval)})
+            out["open_loop"].append({"rate": rate, **await measure(client, server, load, args.rss_interval, route)})
             log.info("open loop rate=%g: %s", rate, out["open_loop"][-1])
         if args.rss_soak:
             out["rss_soak"] = await soak(client, server, payloads, args)
@@ -526,20 +631,28 @@ class InRunCeiling:
         return round(batch / sustained, 1), round(batch / fastest, 1)
 
     def decoder(self, payload: loadgen.Payload) -> Callable[[], Any]:
-        """The server's decoding of ``payload``'s parts (``app.uploads``), as a call."""
-        from app.preprocess import array_to_clip
-        from app.uploads import Target, image_frames, video_frames
+        """The server's decoding of ``payload`` (``app.uploads``; a JSON body parsed and its base64
+        decoded, a v2 body parsed into its tensor, as ``app.api.kserve`` does), as a call."""
+        from app.preprocess import array_to_clip, tensor_to_clips
+        from app.uploads import Target, image_frames, parse_json, video_frames
         from media import FrameFormat, Limits
 
         target = Target(FrameFormat.of(self.spec), self.frames, Limits(max(payload.frames, self.frames), 1 << 31))
         if payload.kind == "mp4":
             return lambda: array_to_clip(video_frames(payload.media[0], target, payload.frames))
+        if payload.kind == "json":
+            return lambda: array_to_clip(image_frames(parse_json(payload.body, target, None).images or [], target))
+        if payload.kind == "v2":
+            from app.api.kserve import parse_infer
+
+            header = payload.request_headers[loadgen.V2_HEADER]
+            return lambda: tensor_to_clips(parse_infer(payload.body, header, target, 1).array, target.format)[0]
         return lambda: array_to_clip(image_frames(list(payload.media), target))
 
     def interleaved(self, url: str, payload: loadgen.Payload, requests: int, warmup: int = 5) -> dict[str, Any]:
-        """``requests`` requests of ``payload``, one at a time, each followed at once by the same
-        clip decoded and run at batch 1 in-process: a pair takes tens of milliseconds, so the
-        machine's drift, which moves both by up to 1.5x within a minute, cancels within each pair.
+        """``requests`` requests of ``payload`` to the server at ``url``, one at a time, each followed
+        at once by the same clip decoded and run at batch 1 in-process: a pair takes tens of
+        milliseconds, so the machine's drift, which moves both by up to 1.5x within a minute, cancels within each pair.
 
         The client is httpx (a request at a time, the prebuilt body; its own overhead, a few
         tenths of a millisecond, counts against the server). Reports the medians of both and
@@ -548,12 +661,11 @@ class InRunCeiling:
 
         decode = self.decoder(payload)
         lengths = torch.tensor([payload.frames])
-        headers = {"content-type": payload.content_type}
         latency, inprocess = [], []
         with httpx.Client(timeout=120) as http:
             for i in range(warmup + requests):
                 started = time.perf_counter()
-                http.post(url, content=payload.body, headers=headers).raise_for_status()
+                http.post(url + payload.path, content=payload.body, headers=payload.request_headers).raise_for_status()
                 answered = time.perf_counter()
                 self.runtime.run(decode(), lengths).result()
                 if i >= warmup:
@@ -645,6 +757,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "serve",
         "machine": machine(),
         "settings": {**settings, "checkpoint": str(server.checkpoint)},
+        "payload": args.payload,
         "server_env": env,
         **levels,
         "server_exit_code": server.exit_code,
@@ -656,21 +769,28 @@ def _fmt(value: Any) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """One table row per level: client view, then the server's split and RSS."""
+    """One table row per level: client view, then the server's split, RSS and (with nvidia-smi) the GPU's use."""
     head = (
         "| load | clips/s | p50 ms | p90 ms | p99 ms | errors | late/dropped | server ms/request | queue ms "
         "| decode ms | infer ms/batch | batch | RSS MB start/max/end |"
     )
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     rows = [(f"c={r['concurrency']}", r) for r in result["closed_loop"]]
     rows += [(f"{r['rate']:g}/s", r) for r in result["open_loop"]]
+    gpu = any("samples" in r.get("gpu", {}) for _, r in rows)
+    head += " GPU % mean/max |" if gpu else ""
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in rows:
         s, m = r["server"], r["rss"]
         errors = ",".join(f"{k}:{v}" for k, v in r["errors"].items()) or "0"
         cells = [name, r["clips_per_s"], r["p50_ms"], r["p90_ms"], r["p99_ms"], errors, f"{r['late']}/{r['dropped']}"]
         cells += [s["request_ms"], s["queue_ms"], s["decode_ms"], s["inference_ms_per_batch"], s["batch_size"]]
         cells.append("/".join(_fmt(m[k]) for k in ("start_mb", "max_mb", "end_mb")))
+        if gpu:
+            g = r.get("gpu", {})
+            cells.append(f"{_fmt(g.get('utilization_mean_pct'))}/{_fmt(g.get('utilization_max_pct'))}")
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    if not gpu and rows and (reason := rows[0][1].get("gpu", {}).get("unavailable")):
+        lines.append(f"\nGPU utilisation: not sampled ({reason})")
     if (ceiling := result.get("ceiling")) and result["closed_loop"]:
         lines.append(
             f"\nIn-process ceiling of this run: {ceiling['clips_per_s']:g} clips/s at batch {ceiling['batch']} "
@@ -754,7 +874,8 @@ def write_outputs(result: dict[str, Any], out: Path | None, stem: str) -> Path:
 def closed_loop_load(
     client: httpx.AsyncClient, url: str, payloads: list[loadgen.Payload], concurrency: int, args: Any
 ) -> Awaitable[loadgen.LevelResult | wrk.WrkResult]:
-    """One closed-loop level from ``wrk`` (``--client wrk``, or ``auto`` when it is installed) or the Python client."""
+    """One closed-loop level against the server at ``url`` from ``wrk`` (``--client wrk``, or ``auto`` when it is
+    installed) or the Python client."""
     if args.client == "wrk" or (args.client == "auto" and wrk.available()):
         return wrk.closed_loop(url, payloads, concurrency, args.duration)
     return loadgen.closed_loop(client, url, payloads, concurrency, args.duration)
@@ -771,7 +892,13 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of discarded closed-loop load first")
     p.add_argument("--frame-size", type=int, default=64, help="canvas size of the sent frames in pixels")
     p.add_argument("--frames", type=int, default=16, help="frames per clip")
-    p.add_argument("--payload", choices=("jpeg", "mp4"), default="jpeg", help="multipart JPEG frames or one MP4")
+    p.add_argument(
+        "--payload",
+        choices=loadgen.KINDS,
+        default="jpeg",
+        help="POST /predict with multipart JPEG frames, one MP4, or JSON base64 JPEG frames; or v2: "
+        "POST /v2/models/{model}/infer with a binary uint8 tensor at the model's input size",
+    )
     p.add_argument("--clips", type=int, default=8, help="distinct prebuilt request bodies, sent round-robin")
     p.add_argument("--rss-interval", type=float, default=0.25, help="seconds between RSS samples in a level")
     p.add_argument(

@@ -4,14 +4,16 @@ On a 2-core machine the load generator shares the cores with the server; the Pyt
 client spends about 3 to 5 ms of CPU per request, ``wrk`` a small fraction of that, so
 the server keeps more of the machine. ``wrk`` keeps ``concurrency`` connections with one
 request outstanding on each (the same closed loop as ``loadgen.closed_loop``) and sends
-the prebuilt multipart bodies round-robin through a Lua script. Its latency percentiles
-are over all responses; non-200 answers are counted as errors by status.
+the prebuilt requests (each payload's path, headers and body) round-robin through a Lua
+script. Its latency percentiles are over all responses; non-200 answers are counted as
+errors by status.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import tempfile
 from collections import Counter
@@ -21,19 +23,33 @@ from urllib.parse import urlsplit
 
 from bench.loadgen import Payload
 
+# Each request is read from two files: ``head-<i>`` (the request line's method and path, then one
+# header a line) and ``body-<i>``; it is formatted once per thread, in init, once wrk has set Host.
 SCRIPT = """
-local dir, n, path = "%(dir)s", %(count)d, "%(path)s"
-local bodies, types = {}, {}
-for i = 1, n do
-  local f = assert(io.open(dir .. "/body-" .. i, "rb")); bodies[i] = f:read("*a"); f:close()
-  local g = assert(io.open(dir .. "/type-" .. i, "rb")); types[i] = g:read("*a"); g:close()
-end
+local dir, n = "%(dir)s", %(count)d
+local requests = {}
 local next_body = 0
 ok, statuses = 0, ""
-function init(args) next_body = tonumber(args[1] or "0") %% n end
+function init(args)
+  for i = 1, n do
+    local f = assert(io.open(dir .. "/body-" .. i, "rb")); local body = f:read("*a"); f:close()
+    local g = assert(io.open(dir .. "/head-" .. i, "rb")); local head = g:read("*a"); g:close()
+    local method, path, headers = nil, nil, {}
+    for line in head:gmatch("[^\\n]+") do
+      if method == nil then
+        method, path = line:match("^(%%S+) (%%S+)$")
+      else
+        local key, value = line:match("^([^:]+): (.*)$")
+        headers[key] = value
+      end
+    end
+    requests[i] = wrk.format(method, path, headers, body)
+  end
+  next_body = tonumber(args[1] or "0") %% n
+end
 function request()
   next_body = next_body %% n + 1
-  return wrk.format("POST", path, {["Content-Type"] = types[next_body]}, bodies[next_body])
+  return requests[next_body]
 end
 function response(status, headers, body)
   if status == 200 then ok = ok + 1 else statuses = statuses .. status .. "," end
@@ -53,6 +69,19 @@ end
 """
 
 
+def request_head(payload: Payload) -> str:
+    """``payload``'s method and path, then its headers, one a line, as the Lua script reads them."""
+    lines = [f"POST {payload.path}", *(f"{k}: {v}" for k, v in payload.request_headers.items())]
+    return "\n".join(lines) + "\n"
+
+
+def threads_for(concurrency: int, cpus: int | None = None) -> int:
+    """wrk's threads: one on a small machine, where the client shares the server's cores; one per 8
+    cores on a larger one, so that one client thread never caps the rate (never more than connections)."""
+    cpus = cpus or os.cpu_count() or 1
+    return max(1, min(concurrency, cpus // 8))
+
+
 def available() -> bool:
     return shutil.which("wrk") is not None
 
@@ -63,8 +92,8 @@ class WrkResult:
     late = 0
     dropped = 0
 
-    def __init__(self, raw: dict[str, Any]) -> None:
-        self.raw = raw
+    def __init__(self, raw: dict[str, Any], threads: int = 1) -> None:
+        self.raw, self.threads = raw, threads
         self.statuses: Counter[str] = Counter({"200": raw["ok"]})
         for status in filter(None, raw["bad"].split(",")):
             self.statuses[status] += 1
@@ -84,22 +113,25 @@ class WrkResult:
             "errors": {k: v for k, v in sorted(self.statuses.items()) if k != "200"},
             "elapsed_s": round(elapsed, 3),
             "client": "wrk",
+            "wrk_threads": self.threads,
         }
 
 
 async def closed_loop(url: str, payloads: list[Payload], concurrency: int, duration_s: float) -> WrkResult:
-    """``concurrency`` connections posting back-to-back for ``duration_s`` (whole seconds, at least 1)."""
+    """``concurrency`` connections to the server at ``url`` (its scheme, host and port; each payload
+    names its path) posting back-to-back for ``duration_s`` (whole seconds, at least 1)."""
     parts = urlsplit(url)
+    threads = threads_for(concurrency)
     with tempfile.TemporaryDirectory(prefix="wrk-") as tmp:
         for i, payload in enumerate(payloads, start=1):
             Path(tmp, f"body-{i}").write_bytes(payload.body)
-            Path(tmp, f"type-{i}").write_text(payload.content_type)
+            Path(tmp, f"head-{i}").write_text(request_head(payload))
         script = Path(tmp, "post.lua")
-        script.write_text(SCRIPT % {"dir": tmp, "count": len(payloads), "path": parts.path or "/"})
+        script.write_text(SCRIPT % {"dir": tmp, "count": len(payloads)})
         proc = await asyncio.create_subprocess_exec(
             "wrk",
             "--threads",
-            "1",
+            str(threads),
             "--connections",
             str(concurrency),
             "--duration",
@@ -116,5 +148,5 @@ async def closed_loop(url: str, payloads: list[Payload], concurrency: int, durat
     text = out.decode(errors="replace")
     for line in text.splitlines():
         if line.startswith("WRK-RESULT "):
-            return WrkResult(json.loads(line.removeprefix("WRK-RESULT ")))
+            return WrkResult(json.loads(line.removeprefix("WRK-RESULT ")), threads)
     raise RuntimeError(f"wrk exited with {proc.returncode} and no result:\n{text[-2000:]}")

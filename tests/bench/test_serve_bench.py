@@ -17,7 +17,7 @@ from host.malloc import heap_usage
 from models import default_checkpoint
 
 TINY = ["--duration", "1", "--warmup", "0.5", "--clips", "2"]
-LEVEL_KEYS = {"requests", "ok", "clips_per_s", "p50_ms", "p99_ms", "errors", "late", "dropped", "server", "rss"}
+LEVEL_KEYS = {"requests", "ok", "clips_per_s", "p50_ms", "p99_ms", "errors", "late", "dropped", "server", "rss", "gpu"}
 SPLIT_KEYS = {"queue_ms", "decode_ms", "inference_ms_per_batch", "batch_size", "request_ms", "batches", "dropped_clips"}
 
 
@@ -34,6 +34,7 @@ def assert_clean_level(row: dict[str, Any]) -> None:
     assert set(row["server"]) == SPLIT_KEYS
     assert row["server"]["batches"] > 0
     assert row["rss"]["max_mb"] >= row["rss"]["start_mb"] > 0
+    assert ("samples" in row["gpu"]) != ("unavailable" in row["gpu"])  # the GPU's use, or why it is absent
 
 
 def test_serve_bench_reports_every_level_without_errors(tmp_path: Path) -> None:
