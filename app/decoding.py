@@ -30,6 +30,7 @@ import numpy as np
 from app.errors import NotReady
 from app.processes import ProcessDecoders, decode_flagged
 from app.uploads import FrameSplitter, Parsed, Target, Upload, decode_parsed, image_frames, parse_upload
+from host.threads import name_os_thread
 from media import Stopped
 
 if TYPE_CHECKING:
@@ -116,7 +117,7 @@ class Decoders:
         device: DeviceDecoder | None = None,
         video: DeviceVideo | None = None,
     ) -> None:
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode", initializer=name_os_thread)
         self.device, self.video = device, video
         self.device_failed = False  # a device decode has failed (logged once)
         self.processes = ProcessDecoders(processes) if processes else None

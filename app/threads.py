@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from host.threads import name_os_thread
+
 T = TypeVar("T")
 
 # torch's intra-op threads as the process started (its own default, or OMP_NUM_THREADS), read
@@ -50,6 +52,7 @@ class CpuThreads:
             torch.set_num_threads(1)  # this thread, and the default of threads started from now on
 
     def _size_lane(self) -> None:
+        name_os_thread()
         torch.set_num_threads(self.total)
         torch.get_num_threads()  # torch's per-thread lazy set-up, done now: later it would take the default
 

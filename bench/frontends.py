@@ -4,11 +4,12 @@
 real server once per ``FRONTENDS`` value and sends it closed-loop load (``--concurrency`` clients,
 each on its own connection) of 16-frame clips at the model's size: JPEG frames as multipart, or
 ``--payload v2`` binary tensors. Around each measured run it reads the CPU time (user + system,
-``/proc/PID/stat``) of the engine and of its front ends, and reports the CPU milliseconds each
-answered request cost in the engine and in the front ends, with clips/s. Every request meets the
-engine's interpreter; on a GPU, where the model costs the CPU little, ``1000 / engine ms`` is about
-the most requests per second that interpreter can take, so the engine's share is what front ends
-move out of the way. Each setting runs ``--rounds`` times, the settings taking turns.
+``/proc/PID/task/*/stat``) of the engine's threads and of its front ends, and reports the CPU
+milliseconds each answered request cost in the engine (by thread: its event loop, its decode
+threads, and the model's threads) and in the front ends, with clips/s. Every request meets the
+engine's interpreter; on a GPU, where the model costs the CPU little, what the engine spends outside
+the model (its event loop and decoding) bounds the requests per second it can take, and that is
+what front ends move out of its way. Each setting runs ``--rounds`` times, the settings taking turns.
 """
 
 from __future__ import annotations
@@ -38,6 +39,22 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def by_thread(pid: int) -> dict[str, float]:
+    """CPU seconds of ``pid``'s threads by what they do: ``loop`` (the main thread: the event loop),
+    ``decode`` (the decode threads) and ``model`` (every other: batchers, steppers, torch's threads)."""
+    seconds = {"loop": 0.0, "decode": 0.0, "model": 0.0}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                name, rest = f.read().split(" (", 1)[1].rsplit(")", 1)
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+        fields = rest.split()
+        kind = "loop" if tid == str(pid) else "decode" if name.startswith("decode") else "model"
+        seconds[kind] += (int(fields[11]) + int(fields[12])) / TICKS
+    return seconds
 
 
 def children(pid: int) -> list[int]:
@@ -100,16 +117,19 @@ def measure(server: ServerProcess, payload: str, clients: int, seconds: float, w
     request = request_of(payload, model)
     asyncio.run(load(server.url, request, clients, warmup))
     fronts = children(server.pid)
-    engine0, fronts0 = cpu_seconds(server.pid), sum(cpu_seconds(p) for p in fronts)
+    engine0, fronts0 = by_thread(server.pid), sum(cpu_seconds(p) for p in fronts)
     started = time.monotonic()
     answered = asyncio.run(load(server.url, request, clients, seconds))
     took = time.monotonic() - started
-    engine1, fronts1 = cpu_seconds(server.pid), sum(cpu_seconds(p) for p in fronts)
+    engine1, fronts1 = by_thread(server.pid), sum(cpu_seconds(p) for p in fronts)
     per = 1000 / max(answered, 1)
+    engine = {kind: (engine1[kind] - engine0[kind]) * per for kind in engine0}
     return {
         "answered": answered,
         "clips_per_s": answered / took,
-        "engine_cpu_ms_per_request": (engine1 - engine0) * per,
+        "engine_cpu_ms_per_request": sum(engine.values()),
+        "engine_cpu_ms_per_request_by_thread": engine,
+        "engine_outside_model_ms_per_request": engine["loop"] + engine["decode"],
         "frontends_cpu_ms_per_request": (fronts1 - fronts0) * per,
         "front_end_pids": fronts,
     }
@@ -129,7 +149,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary = {
         n: {
             key: float(np.median([r[key] for r in runs]))
-            for key in ("clips_per_s", "engine_cpu_ms_per_request", "frontends_cpu_ms_per_request")
+            for key in (
+                "clips_per_s",
+                "engine_cpu_ms_per_request",
+                "engine_outside_model_ms_per_request",
+                "frontends_cpu_ms_per_request",
+            )
         }
         for n, runs in rows.items()
     }
@@ -166,7 +191,8 @@ def main(args: argparse.Namespace) -> int:
     for n, row in result["median"].items():
         print(
             f"FRONTENDS={n}: {row['clips_per_s']:.0f} clips/s, CPU per request: engine "
-            f"{row['engine_cpu_ms_per_request']:.2f} ms, front ends {row['frontends_cpu_ms_per_request']:.2f} ms"
+            f"{row['engine_cpu_ms_per_request']:.2f} ms ({row['engine_outside_model_ms_per_request']:.2f} outside "
+            f"the model), front ends {row['frontends_cpu_ms_per_request']:.2f} ms"
         )
     print(f"wrote {path}")
     return 0

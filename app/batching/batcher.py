@@ -25,6 +25,7 @@ from app.batching.policy import BatchPolicy
 from app.batching.queue import ClipQueue
 from app.batching.tickets import BatchStats, Result, Ticket, settle
 from app.errors import InferenceFailed
+from host.threads import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class Batcher:
                 await asyncio.to_thread(thread.join)
 
     def _work(self) -> None:
+        name_os_thread()
         inflight: _InFlight | None = None
         while True:
             batch = self.queue.take(len(self._threads), block=inflight is None)

@@ -35,6 +35,7 @@ import torch
 
 from app.errors import NotReady
 from app.runtime import ModelRuntime
+from host.threads import name_os_thread
 from models import FusedClassifier
 from models.heads import State
 
@@ -172,6 +173,7 @@ class Stepper:
                     return batch
 
     def _work(self) -> None:
+        name_os_thread()
         ended = 0.0  # when the last batch ended
         while (batch := self._take()) is not None:
             started = time.perf_counter()

@@ -29,3 +29,4 @@ def test_frontends_bench_measures_the_engine_and_its_front_ends(tmp_path: Path, 
     assert one["front_end_pids"] == [] and len(two["front_end_pids"]) == 2
     assert one["frontends_cpu_ms_per_request"] == 0 and two["frontends_cpu_ms_per_request"] > 0
     assert two["engine_cpu_ms_per_request"] > 0
+    assert set(one["engine_cpu_ms_per_request_by_thread"]) == {"loop", "decode", "model"}
