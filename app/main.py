@@ -103,14 +103,12 @@ def create_frontend_app(settings: Settings, index: int, arena_fd: int, run_dir: 
     budget = MemoryBudget(int(inflight_mb * (1 << 20) / settings.frontends))  # the server's budget, shared out
     memory = arena.mapping(arena_fd)
     proxy = EngineProxy(f"{run_dir}/engine.sock")
-    relay: list[RelayedMetrics] = []
+    metrics = RelayedMetrics(index)  # observations go to the engine once connected
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         link, hello = await EngineLink.connect(f"{run_dir}/clips.sock", index, memory)
-        metrics = RelayedMetrics(link, index)
-        relay.append(metrics)
-        app.state.metrics_relay = metrics
+        metrics.link = link
         decoders = Decoders(settings.decode_workers, 0, int(settings.decode_split_kb * 1024))
         models = {m["name"]: RemoteModel.of(m) for m in hello["models"]}
         app.state.service = RemoteService(settings, metrics, link, models, hello["default"], decoders)
@@ -126,16 +124,11 @@ def create_frontend_app(settings: Settings, index: int, arena_fd: int, run_dir: 
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     install_handlers(app)
-    add_middleware(app, settings, budget, _Relayed(relay))
+    add_middleware(app, settings, budget, metrics)
     for router in (predict.router, v2.infer_router):
         app.include_router(router)
 
-    async def flush() -> None:
-        if relay:
-            relay[0].flush()
-            await relay[0].link.sync()
-
-    return FrontDoor(app, proxy, flush)
+    return FrontDoor(app, proxy, metrics.sync)
 
 
 async def stop_when_gone(link: EngineLink, run_dir: str) -> None:
@@ -145,13 +138,3 @@ async def stop_when_gone(link: EngineLink, run_dir: str) -> None:
     log.error("the engine has gone; this front end stops")
     shutil.rmtree(run_dir, ignore_errors=True)
     os.kill(os.getpid(), signal.SIGTERM)
-
-
-class _Relayed:
-    """The relay, once the lifespan has made it (the middleware is built before)."""
-
-    def __init__(self, holder: list[RelayedMetrics]) -> None:
-        self.holder = holder
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.holder[0], name)

@@ -38,8 +38,9 @@ class _Metric:
 class RelayedMetrics:
     """The metrics a front end's middleware and routes observe, relayed to the engine."""
 
-    def __init__(self, link: EngineLink, frontend: int) -> None:
-        self.link, self.frontend = link, str(frontend)
+    def __init__(self, frontend: int) -> None:
+        self.frontend = str(frontend)
+        self.link: EngineLink | None = None  # set once the front end has connected (its lifespan)
         self.requests, self.request_seconds, self.decode_seconds = (_Metric(self, name) for name in RELAYED)
         self._pending: list[list[Any]] = []
 
@@ -50,5 +51,11 @@ class RelayedMetrics:
 
     def flush(self) -> None:
         items, self._pending = self._pending, []
-        if items and not self.link.writer.is_closing():
+        if items and self.link is not None and not self.link.writer.is_closing():
             self.link.send({"op": "observe", "frontend": self.frontend, "items": items})
+
+    async def sync(self) -> None:
+        """Send what is pending, and return once the engine has counted it."""
+        self.flush()
+        if self.link is not None:
+            await self.link.sync()

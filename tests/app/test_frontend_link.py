@@ -74,7 +74,9 @@ def test_the_front_end_sends_device_jpegs_undecoded_and_decodes_the_rest(default
         link, hello = await EngineLink.connect(str(tmp_path / "clips.sock"), 0, arena.mapping(fd))
         assert hello["device_jpeg"] is True
         models = {m["name"]: RemoteModel.of(m) for m in hello["models"]}
-        remote = RemoteService(settings, RelayedMetrics(link, 0), link, models, hello["default"], Decoders(1))
+        relay = RelayedMetrics(0)
+        relay.link = link
+        remote = RemoteService(settings, relay, link, models, hello["default"], Decoders(1))
         try:
             served = remote.model(None)
             for blobs, fmt, device_uploads in ((jpegs, "jpeg", 1), (pngs, "png", 1)):
