@@ -11,6 +11,9 @@ says why; the CPU part still runs.
 ``--accuracy`` adds the accuracy of a checkpoint (default: the bundled CNN+LSTM) on its moving-digits
 test split, its frames written as JPEG files at ``--accuracy-sizes``, with CPU-decoded frames and
 with GPU-decoded frames (the model runs on the same device for both, so only the decoding differs).
+With ``--stand-in`` and no GPU, torchvision's CPU ``decode_jpeg`` stands in for nvJPEG, followed by
+the GPU path's own resize (``app.gpu_decode.resize_frames``): what the GPU path's full-size decode
+and antialiased resize change against the CPU path's reduced-scale decode and Pillow resize.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.gpu_decode import GpuJpeg
+from app.gpu_decode import GpuJpeg, resize_frames
 from app.preprocess import array_to_clip
 from app.uploads import Target, decode_each
 from bench.media import encode_jpeg, synth_clips
@@ -93,6 +96,26 @@ def gpu_decoder() -> tuple[GpuJpeg | None, str | None]:
     return (None, reason) if reason else (GpuJpeg(device), None)
 
 
+class CpuStandIn:
+    """torchvision's CPU JPEG decoder, then the GPU path's resize: nvJPEG's stand-in where there is no GPU."""
+
+    def __init__(self) -> None:
+        self.tv_io = importlib.import_module("torchvision.io")
+
+    def decode(self, blobs: list[bytes], target: Target) -> torch.Tensor:
+        mode = self.tv_io.ImageReadMode.RGB if target.format.channels == 3 else self.tv_io.ImageReadMode.GRAY
+        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+        frames = self.tv_io.decode_jpeg(data, mode=mode)
+        return resize_frames(frames, target.format.height, target.format.width)
+
+
+def stand_in() -> tuple[CpuStandIn | None, str | None]:
+    try:
+        return CpuStandIn(), None
+    except Exception as exc:  # torchvision absent, or its operators do not load beside this torch
+        return None, f"torchvision does not import ({type(exc).__name__}: {exc})"
+
+
 def measure_rates(sizes: list[int], fmt: FrameFormat, clips: int, threads: int, min_time: float) -> dict[str, Any]:
     target = Target(fmt, CLIP_FRAMES, Limits(max_frames=max(BATCH_CLIPS) * CLIP_FRAMES))
     gpu, skipped = gpu_decoder()
@@ -131,10 +154,19 @@ def jpeg_clips(
 
 
 @torch.inference_mode()
-def accuracy(checkpoint: Path, data: Path | None, sizes: list[int], limit: int | None) -> dict[str, Any]:
-    """Test accuracy with CPU-decoded and with GPU-decoded frames, the model on one device for both."""
+def accuracy(
+    checkpoint: Path, data: Path | None, sizes: list[int], limit: int | None, use_stand_in: bool = False
+) -> dict[str, Any]:
+    """Test accuracy with CPU-decoded and with GPU-decoded frames, the model on one device for both; with
+    ``use_stand_in`` and no GPU, torchvision's CPU decoder and the GPU path's resize in nvJPEG's place."""
+    gpu: GpuJpeg | CpuStandIn | None
     gpu, skipped = gpu_decoder()
     device = torch.device("cuda") if gpu is not None else torch.device("cpu")
+    decoder = "nvJPEG"
+    if gpu is None and use_stand_in:
+        gpu, why = stand_in()
+        skipped = None if gpu is not None else f"{skipped}; no stand-in: {why}"
+        decoder = "torchvision's CPU decoder standing in for nvJPEG, then the GPU path's resize"
     ckpt = load_checkpoint(checkpoint, device=device)
     model, spec = ckpt.model.eval(), ckpt.input
     target = Target(FrameFormat.of(spec), spec.frames, Limits())
@@ -160,7 +192,13 @@ def accuracy(checkpoint: Path, data: Path | None, sizes: list[int], limit: int |
                 "pixel_max_abs_diff": largest,
             }
         rows.append(row)
-    return {"checkpoint": checkpoint.name, "device": str(device), "gpu_skipped": skipped, "sizes": rows}
+    return {
+        "checkpoint": checkpoint.name,
+        "device": str(device),
+        "decoder": decoder,
+        "gpu_skipped": skipped,
+        "sizes": rows,
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -191,6 +229,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--accuracy-sizes", type=int, nargs="+", default=[32, 64, 100], help="JPEG sides for --accuracy")
     p.add_argument("--data", type=Path, help="a folder with a test/ split for --accuracy (default: the checkpoint's)")
     p.add_argument("--limit", type=int, help="at most this many test clips for --accuracy")
+    p.add_argument("--stand-in", action="store_true", help="--accuracy without a GPU: torchvision on the CPU")
     p.add_argument("--out", type=Path, help="JSON result file, or a folder (default: bench/results)")
     p.set_defaults(func=main)
 
@@ -203,7 +242,7 @@ def main(args: argparse.Namespace) -> int:
     result |= measure_rates(args.sizes, fmt, args.clips, args.threads, args.min_time)
     if args.accuracy:
         checkpoint = args.checkpoint or default_checkpoint()
-        result["accuracy"] = accuracy(checkpoint, args.data, args.accuracy_sizes, args.limit)
+        result["accuracy"] = accuracy(checkpoint, args.data, args.accuracy_sizes, args.limit, args.stand_in)
     out = write_json(result, args.out, "gpu-decode")
     print(markdown(result))
     print(f"\nJSON: {out}")

@@ -31,3 +31,18 @@ def test_the_bench_writes_the_cpu_rates_and_says_why_the_gpu_part_was_skipped(
         assert row["gpu"] is not None and result["gpu_skipped"] is None and "gpu_accuracy" in acc
     else:
         assert row["gpu"] is None and result["gpu_skipped"] == reason and "gpu_accuracy" not in acc
+
+
+def test_the_stand_in_says_why_it_cannot_run_where_torchvision_does_not_import(
+    tiny_dataset: Path, default_ckpt: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "gpu-decode.json"
+    argv = ["gpu-decode", "--sizes", "48", "--clips", "1", "--threads", "1", "--min-time", "0.01", "--out", str(out)]
+    argv += ["--accuracy", "--stand-in", "--checkpoint", str(default_ckpt), "--data", str(tiny_dataset)]
+    assert main([*argv, "--accuracy-sizes", "32"]) == 0
+    acc = json.loads(out.read_text())["accuracy"]
+    [row] = acc["sizes"]
+    if acc["gpu_skipped"] is None:  # a GPU, or torchvision on the CPU standing in: both figures
+        assert 0 <= row["gpu_accuracy"] <= 1 and row["pixel_max_abs_diff"] >= 0
+    else:  # neither: the reason names torchvision
+        assert "torchvision" in acc["gpu_skipped"] and "gpu_accuracy" not in row
