@@ -55,11 +55,25 @@ class EngineProxy:
         target = scope.get("raw_path") or scope["path"].encode()
         if scope.get("query_string"):
             target += b"?" + scope["query_string"]
-        request = self.client.build_request(
-            scope["method"], target.decode("latin-1"), headers=headers, content=_body(receive) if has_body else None
-        )
+        body_read = asyncio.Event()
+        content = _body(receive, body_read) if has_body else None
+        if content is None:
+            body_read.set()
+        request = self.client.build_request(scope["method"], target.decode("latin-1"), headers=headers, content=content)
+        sending = asyncio.ensure_future(self.client.send(request, stream=True))
+        leaving = asyncio.ensure_future(_left(receive, body_read))
         try:
-            response = await self.client.send(request, stream=True)
+            await asyncio.wait((sending, leaving), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            leaving.cancel()
+        if not sending.done():  # the client left first: closing the engine's connection tells the engine
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+            return
+        try:
+            response = sending.result()
+        except OSError:  # the client left while its body was passed on: nobody to answer
+            return
         except httpx.TransportError as exc:
             log.warning("the engine did not answer %s %s: %s", scope["method"], scope["path"], exc)
             body = b'{"error": {"code": "not_ready", "message": "the engine is not answering"}}'
@@ -73,6 +87,8 @@ class EngineProxy:
             async for chunk in response.aiter_raw():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
+        except httpx.TransportError as exc:  # the engine went away mid-answer: the answer is cut short
+            log.warning("the engine stopped answering %s %s: %s", scope["method"], scope["path"], exc)
         finally:
             await response.aclose()
 
@@ -113,14 +129,23 @@ class EngineProxy:
         await self.client.aclose()
 
 
-async def _body(receive: Receive) -> AsyncIterator[bytes]:
+async def _body(receive: Receive, read: asyncio.Event) -> AsyncIterator[bytes]:
+    """The request's body as it arrives; ``read`` is set once it has all been passed on."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise OSError("the client left while sending its body")
         yield message.get("body", b"")
         if not message.get("more_body", False):
+            read.set()
             return
+
+
+async def _left(receive: Receive, body_read: asyncio.Event) -> None:
+    """Returns once the client has gone, waiting first for its body to be read (nothing else arrives)."""
+    await body_read.wait()
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _client_to_engine(receive: Receive, upstream: ClientConnection) -> None:
